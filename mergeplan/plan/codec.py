@@ -1,0 +1,198 @@
+"""Plan file codec: canonical msgpack, typed binary arrays, a digest over the body.
+
+File layout (a msgpack array of four items, so the version can be read before the body):
+
+    ["mergeplan", <format version: int>, <body: bin>, <digest: str "sha256:<hex>">]
+
+The body is itself msgpack of the plan as a map with sorted keys; floats are always
+float64, numpy arrays are ext type 1. The same Plan therefore encodes to the same bytes,
+and the digest is sha256 over the body bytes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ..errors import PlanFormatError
+from .model import FORMAT_NAME, FORMAT_VERSION, Contribution, ModelRef, Plan, TensorPlan
+
+_EXT_ARRAY = 1
+# Little-endian dtypes allowed inside a plan; anything else is a bug or a hostile file.
+_ARRAY_DTYPES = {"<f4", "<f8", "<f2", "<i4", "<i8", "|u1", "|b1", "<u4"}
+
+
+# -- arrays ------------------------------------------------------------------------------
+def _pack_array(a: np.ndarray) -> msgpack.ExtType:
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    dt = a.dtype.str
+    if dt not in _ARRAY_DTYPES:
+        raise TypeError(f"plan arrays must be one of {sorted(_ARRAY_DTYPES)}, got {dt}")
+    head = struct.pack("<B", len(dt)) + dt.encode() + struct.pack("<B", a.ndim)
+    head += struct.pack(f"<{a.ndim}Q", *a.shape)
+    return msgpack.ExtType(_EXT_ARRAY, head + a.tobytes())
+
+
+def _unpack_ext(code: int, data: bytes) -> Any:
+    if code != _EXT_ARRAY:
+        raise PlanFormatError(f"unknown msgpack extension type {code} in plan body")
+    n = data[0]
+    dt = data[1 : 1 + n].decode()
+    if dt not in _ARRAY_DTYPES:
+        raise PlanFormatError(f"unsupported array dtype {dt!r} in plan body")
+    ndim = data[1 + n]
+    off = 2 + n
+    shape = struct.unpack_from(f"<{ndim}Q", data, off)
+    off += 8 * ndim
+    arr = np.frombuffer(data, dtype=np.dtype(dt), offset=off)
+    expected = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+    if arr.size != expected:
+        raise PlanFormatError("array in plan body has the wrong length (truncated or corrupt plan)")
+    return arr.reshape(shape).copy()
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return _pack_array(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in a plan")
+
+
+def _canon(obj: Any) -> Any:
+    """Sort map keys recursively so equal plans give equal bytes."""
+    if isinstance(obj, dict):
+        return {str(k): _canon(obj[k]) for k in sorted(obj, key=str)}
+    if isinstance(obj, (list, tuple)):
+        return [_canon(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# -- plan <-> plain dict -----------------------------------------------------------------
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    d = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    d["models"] = [dataclasses.asdict(m) for m in plan.models]
+    d["tensors"] = [_tensor_to_dict(t) for t in plan.tensors]
+    return d
+
+
+def _tensor_to_dict(t: TensorPlan) -> dict[str, Any]:
+    # asdict() would deep-copy every numpy array; build shallowly instead.
+    d = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
+    d["shape"] = list(t.shape)
+    d["contributions"] = [
+        {"model": c.model, "weight": c.weight, "mask": c.mask, "source": c.source} for c in t.contributions
+    ]
+    return d
+
+
+def plan_from_dict(d: dict[str, Any]) -> Plan:
+    try:
+        models = [ModelRef(**m) for m in d["models"]]
+        tensors = []
+        for t in d["tensors"]:
+            t = dict(t)
+            t["shape"] = tuple(int(x) for x in t["shape"])
+            t["contributions"] = [Contribution(**c) for c in t["contributions"]]
+            tensors.append(TensorPlan(**t))
+        rest = {k: v for k, v in d.items() if k not in ("models", "tensors")}
+        return Plan(models=models, tensors=tensors, **rest)
+    except (KeyError, TypeError) as e:
+        raise PlanFormatError(f"plan body does not have the v{FORMAT_VERSION} layout ({e}); the file is corrupt") from e
+
+
+# -- bytes -------------------------------------------------------------------------------
+def encode_body(plan: Plan) -> bytes:
+    return msgpack.packb(_canon(plan_to_dict(plan)), default=_default, use_bin_type=True)
+
+
+def body_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def plan_digest(plan: Plan) -> str:
+    return body_digest(encode_body(plan))
+
+
+def encode_plan(plan: Plan) -> bytes:
+    body = encode_body(plan)
+    return msgpack.packb([FORMAT_NAME, FORMAT_VERSION, body, body_digest(body)], use_bin_type=True)
+
+
+def decode_plan(data: bytes, where: str = "plan") -> Plan:
+    try:
+        outer = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise PlanFormatError(f"{where}: not a mergeplan plan file or truncated ({type(e).__name__}); re-create it with `mergeplan plan`") from e
+    if not (isinstance(outer, list) and len(outer) == 4 and outer[0] == FORMAT_NAME):
+        raise PlanFormatError(f"{where}: not a mergeplan plan file (no 'mergeplan' header); re-create it with `mergeplan plan`")
+    _, version, body, digest = outer
+    if not isinstance(version, int):
+        raise PlanFormatError(f"{where}: plan header has no integer format version; the file is corrupt")
+    if version > FORMAT_VERSION:
+        raise PlanFormatError(
+            f"{where}: plan format v{version} was written by a newer mergeplan; this one reads up to "
+            f"v{FORMAT_VERSION}: upgrade mergeplan (pip install -U mergeplan)"
+        )
+    if version < 1:
+        raise PlanFormatError(f"{where}: plan format v{version} is not a valid version; the file is corrupt")
+    if not isinstance(body, bytes) or body_digest(body) != digest:
+        raise PlanFormatError(f"{where}: plan digest does not match its contents (corrupt or edited by hand); re-create it or restore a copy")
+    try:
+        d = msgpack.unpackb(body, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
+    except PlanFormatError:
+        raise
+    except Exception as e:
+        raise PlanFormatError(f"{where}: plan body is corrupt ({type(e).__name__}); re-create it with `mergeplan plan`") from e
+    if not isinstance(d, dict):
+        raise PlanFormatError(f"{where}: plan body is not a map; the file is corrupt")
+    return plan_from_dict(d)
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise PlanFormatError(f"{p}: plan file not found; create one with `mergeplan plan RECIPE -o {p}`") from None
+    except IsADirectoryError:
+        raise PlanFormatError(f"{p}: is a directory, not a plan file") from None
+    return decode_plan(data, where=str(p))
+
+
+def write_plan(plan: Plan, path: str | os.PathLike) -> str:
+    """Write atomically (temp file beside the target, then rename); return the digest."""
+    p = Path(path)
+    data = encode_plan(plan)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        # Never leave a half-written plan behind, not even on Ctrl-C.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return body_digest(msgpack.unpackb(data)[2])

@@ -1,0 +1,110 @@
+"""What changed between two plans, tensor by tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .model import Plan, TensorPlan
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    where: str  # "plan", "model <id>", or a tensor name
+    model: str | None
+    field: str
+    old: Any
+    new: Any
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and np.array_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _short(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return f"array{list(v.shape)} mean={float(v.mean()):.4g}" if v.size else "array[]"
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    return v
+
+
+def _mask_view(m: dict | None) -> dict:
+    if m is None:
+        return {"mask": None}
+    out = {f"mask.{k}": v for k, v in m.items() if k != "bits"}
+    if "bits" in m:
+        import hashlib
+
+        out["mask.bits"] = hashlib.sha256(m["bits"]).hexdigest()[:16]
+    return out
+
+
+def _tensor_rows(a: TensorPlan, b: TensorPlan) -> list[DiffRow]:
+    rows = []
+    for f in ("op", "source", "dtype", "shape"):
+        if not _same(getattr(a, f), getattr(b, f)):
+            rows.append(DiffRow(a.name, None, f, getattr(a, f), getattr(b, f)))
+    for k in sorted(set(a.params) | set(b.params)):
+        if not _same(a.params.get(k), b.params.get(k)):
+            rows.append(DiffRow(a.name, None, k, a.params.get(k), b.params.get(k)))
+    ra, rb = a.relax or {}, b.relax or {}
+    for k in sorted(set(ra) | set(rb)):
+        if not _same(ra.get(k), rb.get(k)):
+            rows.append(DiffRow(a.name, None, f"relax.{k}", _short(ra.get(k)), _short(rb.get(k))))
+    models = [c.model for c in a.contributions] + [c.model for c in b.contributions if a.contribution(c.model) is None]
+    for m in models:
+        ca, cb = a.contribution(m), b.contribution(m)
+        if ca is None or cb is None:
+            rows.append(DiffRow(a.name, m, "contribution", "present" if ca else None, "present" if cb else None))
+            continue
+        if ca.weight != cb.weight:
+            rows.append(DiffRow(a.name, m, "weight", ca.weight, cb.weight))
+        if ca.density != cb.density:
+            rows.append(DiffRow(a.name, m, "density", ca.density, cb.density))
+        ma, mb = _mask_view(ca.mask), _mask_view(cb.mask)
+        for k in sorted(set(ma) | set(mb)):
+            if k != "mask.density" and not _same(ma.get(k), mb.get(k)):
+                rows.append(DiffRow(a.name, m, k, ma.get(k), mb.get(k)))
+    return rows
+
+
+def diff_plans(a: Plan, b: Plan) -> list[DiffRow]:
+    rows: list[DiffRow] = []
+    for f in ("method", "seed", "out_dtype", "params", "guides", "calibration", "max_shard_size"):
+        va, vb = getattr(a, f), getattr(b, f)
+        if not _same(va, vb):
+            rows.append(DiffRow("plan", None, f, va, vb))
+    ma = {m.id: m for m in a.models}
+    mb = {m.id: m for m in b.models}
+    for mid in list(ma) + [m for m in mb if m not in ma]:
+        x, y = ma.get(mid), mb.get(mid)
+        if x is None or y is None:
+            rows.append(DiffRow(f"model {mid}", mid, "present", x is not None, y is not None))
+            continue
+        for f in ("role", "path"):
+            if getattr(x, f) != getattr(y, f):
+                rows.append(DiffRow(f"model {mid}", mid, f, getattr(x, f), getattr(y, f)))
+        if not _same(x.fingerprint, y.fingerprint):
+            rows.append(DiffRow(f"model {mid}", mid, "fingerprint", "differs", "differs"))
+    tb = {t.name: t for t in b.tensors}
+    seen = set()
+    for t in a.tensors:
+        seen.add(t.name)
+        other = tb.get(t.name)
+        if other is None:
+            rows.append(DiffRow(t.name, None, "tensor", "present", None))
+        else:
+            rows += _tensor_rows(t, other)
+    for t in b.tensors:
+        if t.name not in seen:
+            rows.append(DiffRow(t.name, None, "tensor", None, "present"))
+    return [DiffRow(r.where, r.model, r.field, _short(r.old), _short(r.new)) for r in rows]

@@ -1,0 +1,143 @@
+"""The plan: one data model shared by the planner, the file codec, the CLI, the TUI and apply.
+
+A plan records every decision apply needs, per tensor and per model, so that apply makes
+none of its own. Plain dataclasses of plain values (numbers, strings, dicts, lists, bytes
+and float32 numpy arrays) so the codec can serialise them canonically.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+FORMAT_NAME = "mergeplan"
+FORMAT_VERSION = 1
+
+ROLE_BASE = "base"
+ROLE_TASK = "task"
+
+OP_MERGE = "merge"  # combine base + task models with the plan's method
+OP_COPY = "copy"  # take the tensor from one model unchanged (e.g. tokenizer-bound tensors)
+
+
+@dataclass
+class ModelRef:
+    """One input model: its id (recipe `name:` or directory basename), role and fingerprint."""
+
+    id: str
+    role: str
+    path: str  # as the recipe gave it; apply may remap it with --model NAME=PATH
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Contribution:
+    """What one task model contributes to one tensor.
+
+    `mask` is None (dense) or a mask spec dict: {"kind", "density", kind params...,
+    "digest": hex of the mask the planner computed (None when an edit invalidated it and
+    apply must recompute without a check), "bits": packed bits for an explicit mask}.
+    `source` says who set each value: {"weight": "recipe"|"sens"|"edit", "density": ...}.
+    """
+
+    model: str
+    weight: float
+    mask: dict[str, Any] | None = None
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def density(self) -> float:
+        if self.mask is None:
+            return 1.0
+        return float(self.mask.get("density", 1.0))
+
+
+@dataclass
+class TensorPlan:
+    """Every decision for one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # output dtype name: "bfloat16" | "float16" | "float32" | ...
+    op: str = OP_MERGE
+    source: str | None = None  # model id, for OP_COPY
+    params: dict[str, Any] = field(default_factory=dict)  # resolved method params: lambda, normalize, ...
+    contributions: list[Contribution] = field(default_factory=list)
+    # AIM relaxation: {"kind": "aim", "omega": float, "axis": int, "factors": float32 array}.
+    relax: dict[str, Any] | None = None
+    # Guide statistics behind the decisions, for review: scalars and small arrays.
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def contribution(self, model_id: str) -> Contribution | None:
+        for c in self.contributions:
+            if c.model == model_id:
+                return c
+        return None
+
+
+@dataclass
+class Plan:
+    method: str
+    models: list[ModelRef]
+    tensors: list[TensorPlan]
+    params: dict[str, Any] = field(default_factory=dict)  # global method params as resolved
+    seed: int = 0
+    out_dtype: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # {"path": str, "text": str}
+    guides: dict[str, Any] = field(default_factory=dict)  # guide name -> its params and summary
+    calibration: dict[str, Any] = field(default_factory=dict)  # settings + data digest
+    stats: dict[str, Any] = field(default_factory=dict)  # plan-level statistics for review
+    aux_files: list[str] = field(default_factory=list)  # copied from the base model
+    max_shard_size: int = 5_000_000_000
+    notes: list[str] = field(default_factory=list)
+    mergeplan_version: str = ""
+    created: str = ""
+    edit_log: list[dict[str, Any]] = field(default_factory=list)
+
+    # -- lookups -------------------------------------------------------------------------
+    @property
+    def base(self) -> ModelRef | None:
+        for m in self.models:
+            if m.role == ROLE_BASE:
+                return m
+        return None
+
+    @property
+    def task_models(self) -> list[ModelRef]:
+        return [m for m in self.models if m.role == ROLE_TASK]
+
+    def model(self, model_id: str) -> ModelRef:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        raise KeyError(model_id)
+
+    def tensor(self, name: str) -> TensorPlan:
+        idx = self._index().get(name)
+        if idx is None:
+            raise KeyError(name)
+        return self.tensors[idx]
+
+    def _index(self) -> dict[str, int]:
+        # Rebuilt when the tensor list changed length; tensors are not renamed in place.
+        cache = getattr(self, "_name_index", None)
+        if cache is None or len(cache) != len(self.tensors):
+            cache = {t.name: i for i, t in enumerate(self.tensors)}
+            object.__setattr__(self, "_name_index", cache)
+        return cache
+
+    def iter_contributions(self) -> Iterator[tuple[TensorPlan, Contribution]]:
+        for t in self.tensors:
+            for c in t.contributions:
+                yield t, c
+
+    def clone(self) -> "Plan":
+        return copy.deepcopy(self)
+
+
+def float32_array(values: Any) -> np.ndarray:
+    """Numeric vectors in a plan are float32 arrays (stored as typed binary, not lists)."""
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float32))

@@ -1,0 +1,73 @@
+import pytest
+
+from mergeplan.errors import MergeplanError
+from mergeplan.plan import PlanEditor, diff_plans, read_plan
+from plan_factory import make_plan
+
+Q2 = "model.layers.2.self_attn.q_proj.weight"
+
+
+def test_range_edit_by_layers_and_component_and_save_log(tmp_path):
+    ed = PlanEditor(make_plan(layers=6), str(tmp_path / "p.plan"))
+    targets = ed.select(layers=range(2, 5), pattern="mlp.", models=["math"])
+    assert len(targets) == 3 * 3  # layers 2..4 x gate/up/down, one model
+    ed.set(targets, "density", 0.9)
+    assert ed.get("model.layers.3.mlp.up_proj.weight", "math", "density") == 0.9
+    assert ed.get("model.layers.3.mlp.up_proj.weight", "code", "density") != 0.9
+    assert ed.get("model.layers.1.mlp.up_proj.weight", "math", "density") != 0.9
+    ed.save()
+    back = read_plan(tmp_path / "p.plan")
+    assert back.tensor("model.layers.4.mlp.down_proj.weight").contribution("math").density == 0.9
+    (entry,) = back.edit_log
+    assert len(entry["changes"]) == 9 and all(ch[2] == "density" and ch[4] == 0.9 for ch in entry["changes"])
+
+
+def test_density_edit_drops_digest_and_restoring_brings_it_back():
+    ed = PlanEditor(make_plan())
+    digest = ed.plan.tensor(Q2).contribution("math").mask["digest"]
+    old = ed.get(Q2, "math", "density")
+    ed.set([(Q2, "math")], "density", 0.77)
+    assert ed.plan.tensor(Q2).contribution("math").mask["digest"] is None
+    ed.set([(Q2, "math")], "density", old)
+    assert ed.plan.tensor(Q2).contribution("math").mask["digest"] == digest
+    assert not ed.dirty
+
+
+def test_invalid_density_changes_nothing():
+    ed = PlanEditor(make_plan())
+    targets = ed.select(layers=[0, 1], models=["math"])
+    before = [ed.get(t, m, "density") for t, m in targets]
+    for bad in (0, 1.5, -0.1, float("nan"), "x"):
+        with pytest.raises(MergeplanError):
+            ed.set(targets, "density", bad)
+    assert [ed.get(t, m, "density") for t, m in targets] == before
+    # scaling that would leave (0, 1] for any target is refused as a whole
+    with pytest.raises(MergeplanError, match=r"\(0, 1\]"):
+        ed.scale(targets, "density", 3.0)
+    assert [ed.get(t, m, "density") for t, m in targets] == before
+
+
+def test_undo_redo_and_reset_to_planned():
+    ed = PlanEditor(make_plan())
+    t = ed.select(layers=[1], field="weight")
+    ed.scale(t, "weight", 2.0)
+    ed.set([(Q2, None)], "omega", 0.6)
+    assert ed.get(Q2, None, "omega") == 0.6
+    ed.undo()
+    assert ed.get(Q2, None, "omega") == 0.4
+    assert all(ed.get(n, m, "weight") == 2.0 for n, m in t)
+    ed.undo()
+    assert not ed.dirty and not ed.can_undo
+    ed.redo()
+    assert all(ed.get(n, m, "weight") == 2.0 for n, m in t)
+    ed.reset(t, "weight")
+    assert not ed.dirty
+
+
+def test_diff_shows_edits_only():
+    a = make_plan()
+    ed = PlanEditor(a.clone())
+    ed.set([(Q2, "code")], "weight", 0.5)
+    rows = diff_plans(a, ed.plan)
+    assert [(r.where, r.model, r.field, r.old, r.new) for r in rows] == [(Q2, "code", "weight", 1.0, 0.5)]
+    assert diff_plans(a, a.clone()) == []
