@@ -1,0 +1,219 @@
+"""Plan + input model directories -> merged output directory.
+
+Streams one tensor per model at a time, computes in float32, casts once to the output
+dtype, writes each tensor straight to its offset in a shard whose header was written
+first. Everything goes to a temporary directory beside OUT_DIR, renamed at the end, so a
+failure never leaves an output that looks complete. Makes no decision the plan does not
+record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .errors import MergeplanError
+from .execute import TensorInputs, check_finite, run_tensor
+from .io.locate import resolve_model_path
+from .io.modeldir import ModelDir
+from .io.shards import plan_shards
+from .io.tensors import recipe_to_torch, torch_to_st
+from .io.writer import ShardWriter, write_index
+from .plan.codec import plan_digest
+from .plan.model import Plan
+
+Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
+
+
+@dataclass
+class ApplyOptions:
+    threads: int = 1
+    force: bool = False
+    full_verify: bool = False
+    remap: dict[str, str] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: Progress | None = None
+    plan_path: str | None = None
+
+
+@dataclass
+class ApplyResult:
+    out_dir: Path
+    files: list[str]
+    tensors: int
+    bytes_read: int
+
+
+def model_paths(plan: Plan, remap: dict[str, str], plan_path: str | None = None) -> dict[str, Path]:
+    """Where each plan model lives here: --model NAME=PATH first; else the path as the recipe
+    gave it, relative paths tried against the recipe's directory at plan time, then the
+    plan file's directory, then the current directory."""
+    unknown = sorted(set(remap) - {m.id for m in plan.models})
+    if unknown:
+        raise MergeplanError(f"--model {unknown[0]}=...: the plan has no model named {unknown[0]}; models: {', '.join(m.id for m in plan.models)}")
+    bases = [Path(d) for d in (plan.recipe.get("dir"), Path(plan_path).parent if plan_path else None) if d]
+    bases.append(Path.cwd())
+    paths = {}
+    for m in plan.models:
+        ref = remap.get(m.id, m.path)
+        base_dir = next((b for b in bases if (b / ref).is_dir()), bases[-1])
+        try:
+            paths[m.id] = resolve_model_path(ref, base_dir)
+        except MergeplanError as e:
+            raise MergeplanError(f"model {m.id}: {e} (or point to it with --model {m.id}=PATH)") from None
+    return paths
+
+
+def _check_out_dir(out: Path, inputs: dict[str, Path], force: bool) -> None:
+    out_r = out.resolve()
+    for mid, p in inputs.items():
+        p = p.resolve()
+        if out_r == p or p in out_r.parents or out_r in p.parents:
+            raise MergeplanError(f"output {out} overlaps input model {mid} ({p}); choose another output directory")
+    if out.exists() and not force:
+        raise MergeplanError(f"output {out} already exists; pass --force to replace it or choose another directory")
+    if out.exists() and not out.is_dir():
+        raise MergeplanError(f"output {out} exists and is not a directory; remove it or choose another path")
+
+
+def _model_card(plan: Plan, digest: str, files: list[str]) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags: [merge, mergeplan]", "---", "",
+        "# Merged model", "",
+        f"Merged with [mergeplan](https://pypi.org/project/mergeplan/) {__version__} using **{plan.method}**.", "",
+        f"Plan digest: `{digest}`", "", "## Inputs", "",
+        "| model | role | path |", "|---|---|---|",
+    ]
+    lines += [f"| {m.id} | {m.role} | `{m.path}` |" for m in plan.models]
+    if plan.guides:
+        lines += ["", "## Guides", ""] + [f"- {g}: `{json.dumps(_plain(v), sort_keys=True)}`" for g, v in sorted(plan.guides.items())]
+    lines += ["", "## Recipe", "", "```yaml", plan.recipe.get("text", "").rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items() if not hasattr(x, "shape")}
+    return v
+
+
+def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None = None) -> ApplyResult:
+    opts = opts or ApplyOptions()
+    out = Path(out_dir)
+    paths = model_paths(plan, opts.remap, opts.plan_path)
+    _check_out_dir(out, paths, opts.force)
+    dirs = {mid: ModelDir.open(p, name=mid) for mid, p in paths.items()}
+    try:
+        # Verify every input before writing anything.
+        for m in plan.models:
+            dirs[m.id].check_fingerprint(m.fingerprint, full=opts.full_verify)
+        for t in plan.tensors:
+            for mid in _models_of(plan, t):
+                if t.name not in dirs[mid]:
+                    raise MergeplanError(f"model {mid}: tensor {t.name} is missing; the inputs do not match the plan")
+        return _write(plan, out, dirs, opts)
+    finally:
+        for d in dirs.values():
+            d.close()
+
+
+def _models_of(plan: Plan, t) -> list[str]:
+    if t.op == "copy":
+        return [t.source]
+    ids = [c.model for c in t.contributions]
+    return ([plan.base.id] if plan.base else []) + ids
+
+
+def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions) -> ApplyResult:
+    entries = [(t.name, torch_to_st(recipe_to_torch(t.dtype)), tuple(t.shape)) for t in plan.tensors]
+    layouts = plan_shards(entries, plan.max_shard_size)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mergeplan-", dir=parent))
+    lock = threading.Lock()
+    state = {"done": 0, "bytes": 0}
+    try:
+        writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
+        where = {name: l.file for l in layouts for name in l.names()}
+
+        def one(tp) -> None:
+            base_id = plan.base.id if plan.base else None
+            base = dirs[base_id].read(tp.name, opts.device) if base_id and tp.op != "copy" else None
+            if tp.op == "copy":
+                base = dirs[tp.source].read(tp.name, opts.device)
+                tensors = []
+            else:
+                tensors = [dirs[c.model].read(tp.name, opts.device) for c in tp.contributions]
+            nbytes = sum(t.numel() * t.element_size() for t in ([base] if base is not None else []) + tensors)
+            if base is not None:
+                check_finite(base, tp.name, tp.source or base_id)
+            for c, t in zip(tp.contributions, tensors):
+                check_finite(t, tp.name, c.model)
+            result = run_tensor(plan, tp, TensorInputs(base, tensors))
+            result = result.to(recipe_to_torch(tp.dtype)).to("cpu").contiguous()
+            writers[where[tp.name]].write(tp.name, result)
+            with lock:
+                state["done"] += 1
+                state["bytes"] += nbytes
+                if opts.progress:
+                    opts.progress(state["done"], len(plan.tensors), state["bytes"])
+
+        # Each worker runs single-threaded torch ops; parallelism comes from tensors in
+        # flight, so --threads N means N cores and results cannot depend on N.
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            # Largest first so the tail of the run is not one huge tensor on one thread.
+            order = sorted(plan.tensors, key=lambda t: -_numel(t.shape))
+            if opts.threads <= 1:
+                for tp in order:
+                    one(tp)
+            else:
+                with ThreadPoolExecutor(max_workers=opts.threads) as ex:
+                    list(ex.map(one, order))
+        finally:
+            torch.set_num_threads(prev)
+        for w in writers.values():
+            w.close()
+        write_index(tmp, layouts)
+        base_dir = dirs[(plan.base or plan.task_models[0]).id].path
+        for f in plan.aux_files:
+            src = Path(base_dir) / f
+            if src.exists():
+                shutil.copy2(src, tmp / f)
+        digest = plan_digest(plan)
+        (tmp / "README.md").write_text(_model_card(plan, digest, [l.file for l in layouts]))
+        (tmp / "mergeplan.json").write_text(json.dumps(
+            {"mergeplan_version": __version__, "plan_digest": digest, "method": plan.method,
+             "models": [{"id": m.id, "role": m.role, "path": m.path} for m in plan.models]},
+            indent=2, sort_keys=True) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        if out.exists():
+            # --force: move the old output aside first so a crash never loses both.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return ApplyResult(out, files, len(plan.tensors), state["bytes"])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

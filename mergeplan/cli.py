@@ -1,0 +1,219 @@
+"""Command line: plan, apply, show, validate, diff, review.
+
+Known errors become one line on stderr and a non-zero exit; set MERGEPLAN_TRACEBACK=1 to
+see the traceback. Progress goes to stderr so stdout stays clean for --json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import MergeplanError
+
+app = typer.Typer(
+    name="mergeplan",
+    help="Plan, review and apply reproducible, data-guided merges of fine-tuned LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mergeplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    pass
+
+
+def _parse_remap(items: list[str] | None) -> dict[str, str]:
+    remap = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise MergeplanError(f"--model {item!r}: expected NAME=PATH, e.g. --model math=/data/math-7b")
+        remap[name] = path
+    return remap
+
+
+def _device(name: str):
+    from .devices import pick_device
+
+    return pick_device(name)
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit config plus mergeplan's keys).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Plan file to write.")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a recipe model lives on this machine.")] = None,
+    device: Annotated[str, typer.Option(help="Calibration device: auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    threads: Annotated[int, typer.Option(help="Worker threads for mask computation.")] = max(1, os.cpu_count() or 1),
+    fast_hash: Annotated[bool, typer.Option("--fast-hash", help="Fingerprint shards by size and header only (no full sha256).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Read a recipe, analyse the inputs (and calibrate, for guided recipes), write a plan."""
+    from .planner import PlanOptions, build_plan
+    from .plan.codec import write_plan
+    from .progress import StageProgress
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    for note in rec.notes:
+        err.print(f"note: {note}")
+    t0 = time.perf_counter()
+    with StageProgress(err, quiet) as prog:
+        p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=not fast_hash, quiet=quiet,
+                                        remap=_parse_remap(model), progress=prog.update))
+    digest = write_plan(p, output)
+    if not quiet:
+        err.print(f"wrote {output} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
+                  f"{len(p.models)} models) in {time.perf_counter() - t0:.1f}s")
+    out.print(digest)
+
+
+@app.command()
+def apply(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file from `mergeplan plan`.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output directory (must not exist unless --force).")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
+    threads: Annotated[int, typer.Option(help="Tensors merged in parallel (each on one core).")] = max(1, os.cpu_count() or 1),
+    force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    full_verify: Annotated[bool, typer.Option("--full-verify", help="Check inputs by full sha256, not just size and header.")] = False,
+    device: Annotated[str, typer.Option(help="Compute device: cpu (default), cuda, cuda:N, mps, auto.")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Merge the inputs exactly as the plan says; write a Hugging Face model directory."""
+    from .apply import ApplyOptions, apply_plan
+    from .plan.codec import read_plan
+    from .progress import ApplyProgress
+
+    p = read_plan(plan_file)
+    t0 = time.perf_counter()
+    with ApplyProgress(err, quiet, total=len(p.tensors)) as prog:
+        res = apply_plan(p, out_dir, ApplyOptions(threads=threads, force=force, full_verify=full_verify,
+                                                  remap=_parse_remap(model), device=_device(device),
+                                                  progress=prog.update, plan_path=str(plan_file)))
+    if not quiet:
+        dt = time.perf_counter() - t0
+        err.print(f"wrote {res.out_dir} ({res.tensors} tensors, {len(res.files)} files) in {dt:.1f}s, "
+                  f"{res.bytes_read / 1e9 / max(dt, 1e-9):.2f} GB/s read")
+
+
+@app.command()
+def show(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor.")] = False,
+) -> None:
+    """Models, method, per-layer densities and coefficients, mask statistics, guide statistics."""
+    from .plan.codec import read_plan
+    from .report import plan_json, print_plan
+
+    p = read_plan(plan_file)
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps(plan_json(p), indent=2, sort_keys=True) + "\n")
+    else:
+        print_plan(out, p, plan_file, tensors=tensors)
+
+
+@app.command()
+def validate(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN")],
+    inputs: Annotated[bool, typer.Option("--inputs", help="Also check the input models on disk against the fingerprints.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="With --inputs: full sha256 of every shard.")] = False,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH remap, as for apply.")] = None,
+) -> None:
+    """Check a plan's integrity (and, with --inputs, that the inputs match it)."""
+    from .plan.codec import read_plan
+    from .validate import check_inputs, check_plan
+
+    p = read_plan(plan_file)  # digest and version are checked here
+    problems = check_plan(p)
+    if problems:
+        for pr in problems:
+            err.print(f"[red]error[/]: {pr}")
+        raise typer.Exit(1)
+    out.print(f"plan ok: {len(p.tensors)} tensors, {len(p.models)} models")
+    if inputs:
+        for line in check_inputs(p, _parse_remap(model), full=full, plan_path=str(plan_file)):
+            out.print(line)
+
+
+@app.command()
+def diff(
+    plan_a: Annotated[Path, typer.Argument(metavar="PLAN_A")],
+    plan_b: Annotated[Path, typer.Argument(metavar="PLAN_B")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What changed between two plans, tensor by tensor. Exit 1 when they differ."""
+    from .plan.codec import read_plan
+    from .plan.diff import diff_plans
+    from .report import print_diff
+
+    rows = diff_plans(read_plan(plan_a), read_plan(plan_b))
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2, default=str) + "\n")
+    else:
+        print_diff(out, rows, plan_a, plan_b)
+    raise typer.Exit(1 if rows else 0)
+
+
+@app.command()
+def review(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN")],
+    against: Annotated[Optional[Path], typer.Option("--against", help="Another plan to diff against.")] = None,
+) -> None:
+    """Open the plan in a terminal UI to inspect and edit it."""
+    from .plan.codec import read_plan
+
+    read_plan(plan_file)  # a corrupt plan fails here as one line, before the screen opens
+    if against is not None:
+        read_plan(against)
+    from mergeplan_tui import run_review
+
+    raise typer.Exit(run_review(str(plan_file), str(against) if against else None))
+
+
+def main() -> None:
+    try:
+        app()
+    except MergeplanError as e:
+        if os.environ.get("MERGEPLAN_TRACEBACK"):
+            raise
+        err.print(f"[bold red]error[/]: {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        # Permissions, a vanished disk...: say what and where, in one line.
+        if os.environ.get("MERGEPLAN_TRACEBACK"):
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        err.print(f"[bold red]error[/]: {e.strerror or e}{where}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Recipe + inputs (+ guide decisions) -> Plan.
+
+Resolves every per-layer parameter, folds in what the guides decided, computes each
+mask once to record its digest, and fingerprints the inputs. No decision is left for apply.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .errors import MergeplanError
+from .execute import TensorInputs, check_finite, compute_masks, deltas_of
+from .io.locate import resolve_model_path
+from .io.modeldir import ModelDir
+from .io.tensors import st_to_torch, torch_to_recipe
+from .methods.masks import mask_digest, overlap_rate
+from .methods.registry import METHODS
+from .plan.model import (
+    OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
+)
+from .plan.names import num_layers, parse_name
+from .recipe import Recipe, resolve
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+# Per-model parameters that shape a mask; everything else is a per-tensor method parameter.
+_MASK_PARAMS = ("density", "gamma", "epsilon")
+_DEFAULT_SHARD = 5_000_000_000
+
+
+@dataclass
+class PlanOptions:
+    device: str = "auto"
+    threads: int = 1
+    full_hash: bool = True
+    quiet: bool = False
+    remap: dict[str, str] = field(default_factory=dict)
+    progress: Progress | None = None
+
+
+@dataclass
+class _Inputs:
+    base: ModelRef | None
+    tasks: list[ModelRef]
+    dirs: dict[str, ModelDir]
+
+
+def _open_models(recipe: Recipe, opts: PlanOptions) -> _Inputs:
+    recipe_dir = recipe.path.parent if recipe.path else Path.cwd()
+    spec = METHODS[recipe.merge_method]
+    dirs: dict[str, ModelDir] = {}
+
+    def open_one(ms) -> ModelDir:
+        ref = opts.remap.get(ms.name, ms.ref)
+        path = resolve_model_path(ref, recipe_dir)
+        return ModelDir.open(path, name=ms.name)
+
+    base = None
+    if recipe.base_model is not None:
+        dirs[recipe.base_model.name] = open_one(recipe.base_model)
+        base = ModelRef(recipe.base_model.name, ROLE_BASE, recipe.base_model.ref)
+    elif spec.needs_base:
+        raise MergeplanError(f"merge_method {recipe.merge_method} needs a base_model; add `base_model: PATH` to the recipe")
+    tasks = []
+    for ms in recipe.models:
+        if base is not None and ms.name == base.id:
+            continue  # mergekit lets the base appear in `models`; it contributes no task vector
+        dirs[ms.name] = open_one(ms)
+        tasks.append(ModelRef(ms.name, ROLE_TASK, ms.ref))
+    if not tasks:
+        raise MergeplanError("the recipe lists no model to merge besides the base; add entries under `models:`")
+    return _Inputs(base, tasks, dirs)
+
+
+def _check_tensor_tables(inp: _Inputs) -> list[str]:
+    """All models must hold the reference model's tensors with the same shapes and dtypes."""
+    ref_id = inp.base.id if inp.base else inp.tasks[0].id
+    ref = inp.dirs[ref_id]
+    names = ref.tensor_names()
+    for mid, md in inp.dirs.items():
+        if mid == ref_id:
+            continue
+        for n in names:
+            if n not in md:
+                raise MergeplanError(f"model {mid} ({md.path}): tensor {n} is missing (present in {ref_id}); all models must share the same architecture")
+            a, b = ref.info(n), md.info(n)
+            if tuple(a.shape) != tuple(b.shape):
+                raise MergeplanError(f"model {mid}: tensor {n} has shape {list(b.shape)} but {ref_id} has {list(a.shape)}; models must share the same architecture")
+            if a.dtype != b.dtype:
+                raise MergeplanError(f"model {mid}: tensor {n} is {b.dtype} but {ref_id} has {a.dtype}; convert the models to one dtype first")
+        extra = sorted(set(md.tensor_names()) - set(names))
+        if extra:
+            raise MergeplanError(f"model {mid}: has tensor {extra[0]} that {ref_id} lacks ({len(extra)} in all); models must share the same architecture")
+    return names
+
+
+def _param(recipe: Recipe, ms_params: dict, key: str, default: Any, name: str, layer: int | None, nl: int) -> Any:
+    if key in ms_params:
+        v = ms_params[key]
+    elif key in recipe.parameters:
+        v = recipe.parameters[key]
+    else:
+        return default
+    return resolve(v, name, layer, nl)
+
+
+def _mask_spec(kind: str | None, mp: dict[str, Any], gp: dict[str, Any]) -> dict[str, Any] | None:
+    if kind is None:
+        return None
+    if kind == "nm":
+        n, m = int(gp["n"]), int(gp["m"])
+        return {"kind": "nm", "n": n, "m": m, "density": n / m}
+    density = float(mp["density"])
+    if not 0.0 < density <= 1.0:
+        raise MergeplanError(f"density {density:g} is outside (0, 1]; fix the recipe")
+    if kind == "magnitude" and density >= 1.0:
+        return None
+    spec: dict[str, Any] = {"kind": kind, "density": density}
+    if kind == "breadcrumbs":
+        spec["gamma"] = float(mp["gamma"])
+    if kind == "della":
+        spec["epsilon"] = float(mp["epsilon"])
+    if kind in ("bernoulli", "della"):
+        if density >= 1.0 and kind == "bernoulli":
+            return None
+        spec["rescale"] = gp.get("rescale_mode", "inverse")
+    return spec
+
+
+def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions) -> list[TensorPlan]:
+    spec = METHODS[recipe.merge_method]
+    ref = inp.dirs[inp.base.id if inp.base else inp.tasks[0].id]
+    nl = num_layers(names)
+    by_name = {m.name: m for m in recipe.models}
+    plans = []
+    for name in names:
+        info = ref.info(name)
+        layer = parse_name(name).layer
+        out_dtype = recipe.out_dtype or recipe.dtype or torch_to_recipe(st_to_torch(info.dtype))
+        if not st_to_torch(info.dtype).is_floating_point:
+            src = inp.base.id if inp.base else inp.tasks[0].id
+            plans.append(TensorPlan(name, tuple(info.shape), torch_to_recipe(st_to_torch(info.dtype)), op=OP_COPY, source=src))
+            continue
+        gp = {k: _param(recipe, {}, k, d, name, layer, nl) for k, d in spec.global_params.items()}
+        contribs = []
+        for t in inp.tasks:
+            mparams = by_name[t.id].parameters
+            mp = {k: _param(recipe, mparams, k, d, name, layer, nl) for k, d in spec.model_params.items()}
+            source = {"weight": "recipe"}
+            if decisions is not None and name in decisions.densities and t.id in decisions.densities[name]:
+                mp["density"] = decisions.densities[name][t.id]
+                source["density"] = "lewis"
+            elif "density" in mp:
+                source["density"] = "recipe"
+            weight = float(mp.get("weight", 1.0))
+            if decisions is not None and name in decisions.weights and t.id in decisions.weights[name]:
+                weight *= float(decisions.weights[name][t.id])
+                source["weight"] = "recipe*sens"
+            mask = _mask_spec(spec.mask_kind, mp, gp)
+            contribs.append(Contribution(t.id, weight, mask, source))
+        if spec.mask_kind == "nm":
+            ids = [t.id for t in inp.tasks]
+            order = gp.get("order") or ids
+            gp["cabs_order"] = [ids.index(o) for o in order]
+        relax = decisions.relax.get(name) if decisions is not None else None
+        stats = dict(decisions.tensor_stats.get(name, {})) if decisions is not None else {}
+        params = {k: v for k, v in gp.items() if k not in ("n", "m", "order", "int8_mask")}
+        plans.append(TensorPlan(name, tuple(info.shape), out_dtype, op=OP_MERGE, params=params,
+                                contributions=contribs, relax=relax, stats=stats))
+    return plans
+
+
+def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
+    """Compute every mask once; record its digest (and CABS overlap) in the plan."""
+    todo = [t for t in plan.tensors if t.op == OP_MERGE]
+    done = 0
+    total = len(todo)
+
+    def one(tp: TensorPlan) -> None:
+        base = inp.dirs[inp.base.id].read(tp.name) if inp.base else None
+        tensors = [inp.dirs[c.model].read(tp.name) for c in tp.contributions]
+        if base is not None:
+            check_finite(base, tp.name, inp.base.id)
+        for c, t in zip(tp.contributions, tensors):
+            check_finite(t, tp.name, c.model)
+        if base is None or not any(c.mask for c in tp.contributions):
+            return
+        masks = compute_masks(plan, tp, deltas_of(TensorInputs(base, tensors)))
+        for c, m in zip(tp.contributions, masks):
+            if c.mask is not None and m is not None:
+                c.mask["digest"] = mask_digest(m.mask)
+                c.mask["kept"] = float(m.mask.float().mean())
+        real = [m.mask for m in masks if m is not None]
+        if len(real) > 1:
+            tp.stats["overlap"] = float(overlap_rate(real))
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.threads)) as ex:
+        for _ in ex.map(one, todo):
+            done += 1
+            if opts.progress:
+                opts.progress("masks", done, total)
+
+
+def _max_shard_size(recipe: Recipe) -> int:
+    v = recipe.parameters.get("max_shard_size") if hasattr(recipe, "parameters") else None
+    if v is None:
+        return _DEFAULT_SHARD
+    from .io.shards import parse_size
+
+    return parse_size(v)
+
+
+def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
+    opts = opts or PlanOptions()
+    if recipe.merge_method not in METHODS:
+        raise MergeplanError(f"unknown merge_method {recipe.merge_method!r}; known: {', '.join(sorted(METHODS))}")
+    inp = _open_models(recipe, opts)
+    try:
+        names = _check_tensor_tables(inp)
+        decisions = None
+        if recipe.guides:
+            from .guides import run_guides
+            from .guides.base import ModelInput
+
+            if inp.base is None:
+                raise MergeplanError("guides need a base_model; add `base_model: PATH` to the recipe")
+            decisions = run_guides(
+                recipe.guides, recipe.calibration,
+                ModelInput(inp.base.id, inp.dirs[inp.base.id].path),
+                [ModelInput(t.id, inp.dirs[t.id].path) for t in inp.tasks],
+                recipe.path.parent if recipe.path else Path.cwd(), device=opts.device, quiet=opts.quiet,
+            )
+        models = ([inp.base] if inp.base else []) + inp.tasks
+        plan = Plan(
+            method=recipe.merge_method,
+            models=models,
+            tensors=_tensor_plans(recipe, inp, names, decisions),
+            params={k: v for k, v in recipe.parameters.items() if not isinstance(v, (list, dict))},
+            seed=int(recipe.seed),
+            out_dtype=recipe.out_dtype or recipe.dtype,
+            recipe={"path": str(recipe.path) if recipe.path else "", "text": recipe.text,
+                    "dir": str((recipe.path.parent if recipe.path else Path.cwd()).resolve())},
+            guides=decisions.guides if decisions else {},
+            calibration=decisions.calibration if decisions else {},
+            stats=decisions.plan_stats if decisions else {},
+            aux_files=inp.dirs[(inp.base or inp.tasks[0]).id].aux_files(),
+            max_shard_size=_max_shard_size(recipe),
+            notes=list(recipe.notes),
+            mergeplan_version=__version__,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        _digest_masks(plan, inp, opts)
+        for m in models:
+            m.fingerprint = inp.dirs[m.id].fingerprint(full=opts.full_hash)
+        return plan
+    finally:
+        for d in inp.dirs.values():
+            d.close()
