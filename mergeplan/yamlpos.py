@@ -1,0 +1,132 @@
+"""YAML loading that remembers where every value came from.
+
+PyYAML's ``safe_load`` throws the line numbers away; error messages that say
+``recipe.yaml:7: ...`` need them. This module composes the node tree (which
+carries marks) and turns it into ``YNode`` objects: plain values plus 1-based
+line numbers for every value and every mapping key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeplan.errors import MergeplanError
+
+__all__ = ["YNode", "compose_located", "where"]
+
+
+def where(path: str | Path | None, line: int | None) -> str:
+    """``file:line`` prefix for messages (``<recipe>`` when parsed from a string)."""
+    name = str(path) if path is not None else "<recipe>"
+    return f"{name}:{line}" if line else name
+
+
+@dataclass
+class YNode:
+    """A YAML value with its source line.
+
+    ``value`` is ``dict[str, YNode]`` for mappings (keys as written in the
+    file, never coerced: ``on:`` stays the string ``"on"``), ``list[YNode]``
+    for sequences, and a Python scalar otherwise.
+    """
+
+    value: Any
+    line: int
+    kind: str  # "map" | "seq" | "scalar"
+    key_lines: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_map(self) -> bool:
+        return self.kind == "map"
+
+    @property
+    def is_seq(self) -> bool:
+        return self.kind == "seq"
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.kind == "scalar"
+
+    def plain(self) -> Any:
+        """The value with all line information stripped (what ``safe_load`` gives)."""
+        if self.kind == "map":
+            return {k: v.plain() for k, v in self.value.items()}
+        if self.kind == "seq":
+            return [v.plain() for v in self.value]
+        return self.value
+
+
+# One constructor instance turns scalar nodes into Python values using the
+# tags the composer already resolved (int, float, bool, null, str, ...).
+_CONSTRUCTOR = yaml.SafeLoader("")
+
+
+def _construct_scalar(node: yaml.ScalarNode) -> Any:
+    ctor = yaml.SafeLoader.yaml_constructors.get(node.tag)
+    if ctor is None:
+        # Unknown explicit tags (e.g. !!python/object) are not safe: keep the text.
+        return node.value
+    return ctor(_CONSTRUCTOR, node)
+
+
+def _convert(node: yaml.Node, path: str | Path | None) -> YNode:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        # Resolves YAML merge keys ("<<: *anchor") the way safe_load does.
+        _CONSTRUCTOR.flatten_mapping(node)
+        items: dict[str, YNode] = {}
+        key_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise MergeplanError(
+                    f"{where(path, key_line)}: a mapping key must be plain text, not a "
+                    "list or mapping; check the indentation"
+                )
+            key = key_node.value
+            if key in items:
+                raise MergeplanError(
+                    f"{where(path, key_line)}: duplicate key '{key}' (first at line "
+                    f"{key_lines[key]}); keep one of them"
+                )
+            items[key] = _convert(value_node, path)
+            key_lines[key] = key_line
+        return YNode(items, line, "map", key_lines)
+    if isinstance(node, yaml.SequenceNode):
+        return YNode([_convert(n, path) for n in node.value], line, "seq")
+    return YNode(_construct_scalar(node), line, "scalar")
+
+
+def compose_located(text: str, path: str | Path | None = None) -> YNode | None:
+    """Parse one YAML document into ``YNode``s; ``None`` for an empty document.
+
+    Raises ``MergeplanError`` with ``file:line`` for syntax errors and for
+    streams holding more than one document.
+    """
+    try:
+        docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        col = f" (column {mark.column + 1})" if mark is not None else ""
+        raise MergeplanError(
+            f"{where(path, line)}: YAML syntax error{col}: {problem}; fix the YAML "
+            "(check indentation and quoting)"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise MergeplanError(f"{where(path, None)}: YAML error: {exc}") from None
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        return None
+    if len(docs) > 1:
+        second = docs[1].start_mark.line + 1
+        raise MergeplanError(
+            f"{where(path, second)}: the file holds several YAML documents ('---'); "
+            "a recipe describes one merge: split them into separate files"
+        )
+    return _convert(docs[0], path)
