@@ -808,7 +808,7 @@ class _Parser:
                 if base_name is not None and not self.explicit_names[index]:
                     spec.name = base_name
             self.base_spec = spec
-            self.check_unique_names(spec if index is None else None, models)
+            self.check_unique_names(None, models)  # the base is one of `models` now
             return models
         if index is None:
             spec = ModelSpec(base_name or _default_name(base_ref), base_ref, {}, base_line)
