@@ -146,6 +146,14 @@ def test_read_moves_to_the_requested_device(tmp_path):
     assert m.read("model.norm.weight", device=torch.device("cpu")).device.type == "cpu"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_read_onto_cuda(tmp_path):
+    tensors = mixed_tensors()
+    m = ModelDir.open(write_single(tmp_path / "m", tensors))
+    got = m.read("lm_head.weight", device=torch.device("cuda"))
+    assert got.is_cuda and torch.equal(got.cpu(), tensors["lm_head.weight"])
+
+
 def test_concurrent_reads_from_many_threads(tmp_path):
     tensors = mixed_tensors(3)
     d = write_sharded(tmp_path / "m", tensors, n=2)
