@@ -271,6 +271,20 @@ def test_missing_shard_named_by_index(tmp_path):
     assert str(d) in str(ei.value)
 
 
+def test_empty_or_broken_index(tmp_path):
+    d = write_sharded(tmp_path / "m", mixed_tensors(), n=2)
+    idx = d / "model.safetensors.index.json"
+    idx.write_text('{"metadata": {}, "weight_map": {}}')
+    with pytest.raises(MergeplanError, match="maps no tensors"):
+        ModelDir.open(d)
+    idx.write_text('{"metadata": {}}')
+    with pytest.raises(MergeplanError, match="not a valid safetensors index"):
+        ModelDir.open(d)
+    idx.write_text('{"weight_map": {"a": "../elsewhere.safetensors"}}')
+    with pytest.raises(MergeplanError, match="outside its directory"):
+        ModelDir.open(d)
+
+
 def test_index_pointing_at_wrong_shard(tmp_path):
     d = write_sharded(tmp_path / "m", mixed_tensors(), n=2)
     idx = json.loads((d / "model.safetensors.index.json").read_text())

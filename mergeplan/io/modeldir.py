@@ -285,6 +285,8 @@ def _find_shards(p: Path) -> list[str]:
     if index.is_file():
         weight_map = _load_weight_map(index)
         files = sorted(set(weight_map.values()))
+        if not files:
+            raise MergeplanError(f"{index} maps no tensors to shards; re-download the model")
         for f in files:
             if not (p / f).is_file():
                 raise MergeplanError(
