@@ -13,6 +13,7 @@ depends on the tensor's name and layer.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -61,11 +62,29 @@ METHOD_NAMES: tuple[str, ...] = (
     "cabs",
 )
 
-RESCALE_MODES = ("inverse", "l1", "none")
-CONSENSUS_METHODS = ("sum", "count")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 GUIDE_NAMES = ("lewis", "aim", "sens")
 CALIBRATION_KEYS = ("data", "samples", "seq_len", "batch_size", "device")
+
+# mergekit 0.1.5's parameter names per method (merge_methods/linear.py and
+# generalized_task_arithmetic.py). A name mergekit accepts but the mergeplan method does
+# not use (density with task_arithmetic) is accepted and dropped with a note, so mergekit
+# configs still load.
+_MK_GTA = frozenset({"int8_mask", "normalize", "rescale", "lambda", "weight", "density"})
+_MERGEKIT_PARAMS: dict[str, frozenset[str]] = {
+    "linear": frozenset({"weight", "normalize"}),
+    "task_arithmetic": _MK_GTA,
+    "ties": _MK_GTA,
+    "dare_linear": _MK_GTA,
+    "dare_ties": _MK_GTA,
+    "breadcrumbs": _MK_GTA | {"gamma"},
+    "breadcrumbs_ties": _MK_GTA | {"gamma"},
+    "della": _MK_GTA | {"epsilon"},
+    "della_linear": _MK_GTA | {"epsilon"},
+}
+# Recipe-level settings that live in the top-level `parameters:` block but are not
+# merge parameters (they go to Recipe fields, not Recipe.parameters).
+_RECIPE_LEVEL = ("max_shard_size",)
 
 
 @dataclass(frozen=True)
@@ -75,64 +94,40 @@ class _MethodRules:
     model_params: dict[str, Any]  # name -> default (REQUIRED: must be given)
 
 
-def _local_rules() -> dict[str, _MethodRules]:
-    """mergekit 0.1.5's parameter sets and defaults, plus mergeplan's additions."""
-    # (sparsification, sign consensus, default normalize, default rescale); from
-    # mergekit 0.1.5 merge_methods/registry.py.
-    gta = {
-        "task_arithmetic": (None, False, False, False),
-        "ties": ("magnitude", True, True, False),
-        "dare_ties": ("random", True, False, True),
-        "dare_linear": ("random", False, False, True),
-        "breadcrumbs": ("outliers", False, False, False),
-        "breadcrumbs_ties": ("outliers", True, False, False),
-        "della": ("della", True, True, True),
-        "della_linear": ("della", False, False, True),
+@functools.cache
+def _rules() -> dict[str, _MethodRules]:
+    """Parameter names and defaults per method, from the methods registry."""
+    # Imported late: the registry pulls in torch, which parsing YAML does not need.
+    from mergeplan.methods import registry
+
+    def conv(params: Any) -> dict[str, Any]:
+        return {k: (REQUIRED if v is registry.REQUIRED else v) for k, v in params.items()}
+
+    return {
+        name: _MethodRules(spec.needs_base, conv(spec.global_params), conv(spec.model_params))
+        for name, spec in registry.METHODS.items()
     }
-    rules = {
-        "linear": _MethodRules(
-            needs_base=False,
-            global_params={"normalize": True, "max_shard_size": None},
-            model_params={"weight": REQUIRED},
-        )
-    }
-    for name, (sparsify, consensus, normalize, rescale) in gta.items():
-        g: dict[str, Any] = {
-            "normalize": normalize,
-            "rescale": rescale,
-            "lambda": 1.0,
-            "int8_mask": False,
-            "max_shard_size": None,
-        }
-        if sparsify is not None:
-            g["rescale_mode"] = "l1"  # mergekit's rescale matches the L1 norm
-        if consensus:
-            g["consensus_method"] = "sum"
-        m: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
-        if sparsify == "outliers":
-            m["gamma"] = 0.01
-        if sparsify == "della":
-            m["epsilon"] = 0.15
-        rules[name] = _MethodRules(True, g, m)
-    rules["cabs"] = _MethodRules(
-        needs_base=True,
-        global_params={"order": None, "lambda": 1.0, "max_shard_size": None},
-        model_params={"weight": REQUIRED, "n": 16, "m": 32},
-    )
-    return rules
 
 
-_RULES = _local_rules()
+@functools.cache
+def _choices() -> dict[str, tuple[str, ...]]:
+    from mergeplan.methods import registry
+
+    # "none" is recipe sugar for `rescale: false` (see _Parser.rescale_none)
+    return {
+        "rescale_mode": tuple(registry.RESCALE_MODES) + ("none",),
+        "consensus_method": tuple(registry.CONSENSUS),
+    }
 
 
 def method_parameters(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(global parameter defaults, per-model parameter defaults) for a method.
 
-    A default of ``REQUIRED`` means the recipe must give the value (per model or as a
-    top-level fallback). ``None`` means "the method decides" (e.g. CABS ``order``:
-    the order of ``models:``).
+    Taken from ``mergeplan.methods.registry.METHODS``. A default of ``REQUIRED`` means
+    the recipe must give the value (per model or as a top-level fallback); ``None``
+    means "the method decides" (CABS ``order``: the order of ``models:``).
     """
-    rules = _RULES[method]
+    rules = _rules()[method]
     return dict(rules.global_params), dict(rules.model_params)
 
 
@@ -154,24 +149,23 @@ _KINDS: dict[str, str] = {
     "order": "names",
     "max_shard_size": "size",
 }
-_CHOICES = {"rescale_mode": RESCALE_MODES, "consensus_method": CONSENSUS_METHODS}
 # Parameters that are one value for the whole merge: no gradients, no filters.
 _LITERAL = {"order", "max_shard_size"}
 
 
 def _range_problem(name: str, value: Any) -> str | None:
-    """What is wrong with a leaf value beyond its type, or None."""
+    """What is wrong with a leaf value beyond its type (completes "<where> is ..."), or None."""
     if name == "density" and not 0.0 < value <= 1.0:
         return (
-            f"density {value:g} is outside (0, 1]: density is the fraction of each task "
-            "vector kept; use e.g. 0.5 (1 keeps everything)"
+            f"{value:g}, outside (0, 1]: density is the fraction of each task vector kept; "
+            "use e.g. 0.5 (1 keeps everything)"
         )
     if name == "gamma" and not 0.0 <= value < 1.0:
-        return f"gamma {value:g} is outside [0, 1): gamma is the fraction of largest entries dropped"
+        return f"{value:g}, outside [0, 1): gamma is the fraction of largest entries dropped"
     if name == "epsilon" and not 0.0 <= value < 1.0:
-        return f"epsilon {value:g} is outside [0, 1): keep probabilities are density +/- epsilon"
+        return f"{value:g}, outside [0, 1): keep probabilities are density +/- epsilon"
     if name in ("n", "m") and value < 1:
-        return f"{name} must be a positive integer, got {value}"
+        return f"{value}; it must be a positive integer"
     return None
 
 
@@ -351,6 +345,7 @@ class Recipe:
     calibration: dict[str, Any]
     notes: list[str]
     name: str | None = None  # mergekit(-multi)'s output name; informational
+    max_shard_size: int | None = None  # bytes per output shard; None: the writer's default
     locations: dict[str, int] = field(default_factory=dict)  # key path -> line
 
     def model(self, name: str) -> ModelSpec:
@@ -510,6 +505,7 @@ class _Parser:
         self.notes: list[str] = []
         self.method = ""
         self.rules: _MethodRules | None = None
+        self.recipe_level: dict[str, Any] = {}
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -560,6 +556,7 @@ class _Parser:
         parameters = self.parse_params(top.get("parameters"), "parameters", per_model=False)
         models = self.place_base(base, models)
         base = self.base_spec
+        self.rescale_none(parameters)
         dtype = self.parse_dtype(top.get("dtype"), "dtype")
         out_dtype = self.parse_dtype(top.get("out_dtype"), "out_dtype")
         name = None
@@ -584,6 +581,7 @@ class _Parser:
             calibration=calibration,
             notes=self.notes,
             name=name,
+            max_shard_size=self.recipe_level.get("max_shard_size"),
             locations=_key_lines(root),
         )
         self.check_required(recipe, root)
@@ -594,19 +592,6 @@ class _Parser:
             self.check_della(recipe)
         if self.method == "cabs":
             self.check_cabs(recipe, root)
-        if self.method == "task_arithmetic":
-            for spec in recipe.models:
-                if "density" in spec.parameters:
-                    self.note(
-                        spec.parameters["density"].line,
-                        "density has no effect with task_arithmetic (no sparsification), "
-                        "as in mergekit; use ties or dare_linear to sparsify",
-                    )
-            if "density" in recipe.parameters:
-                self.note(
-                    recipe.parameters["density"].line,
-                    "density has no effect with task_arithmetic (no sparsification)",
-                )
         return recipe
 
     def parse_method(self, root: YNode) -> None:
@@ -618,7 +603,7 @@ class _Parser:
                 f"{', '.join(METHOD_NAMES)})",
             )
         method = self.text_value(node, "merge_method")
-        if method not in _RULES:
+        if method not in _rules():
             raise self.fail(
                 node.line,
                 f"unknown merge_method '{method}'{_suggest(method, METHOD_NAMES)}; "
@@ -626,7 +611,7 @@ class _Parser:
             )
         self.method = method
         self.method_line = node.line
-        self.rules = _RULES[method]
+        self.rules = _rules()[method]
 
     def parse_tokenizer(self, root: YNode) -> str | None:
         top = root.value
@@ -682,8 +667,7 @@ class _Parser:
         if type(v) is not int or not 0 <= v < 2**64:
             raise self.fail(
                 node.line,
-                f"seed must be a non-negative integer below 2**64, not {_type_name(node)}"
-                + (f" {v!r}" if node.is_scalar and v is not None else ""),
+                f"seed must be a non-negative integer below 2**64, got {node.plain()!r}",
             )
         return v
 
@@ -852,25 +836,32 @@ class _Parser:
             return {}
         self.expect_map(node, ctx, "`weight: 1.0`")
         rules = self.rules
-        valid = list(rules.model_params) + ([] if per_model else list(rules.global_params))
-        if per_model:
-            valid += list(rules.global_params)  # accepted (then ignored) as mergekit does
+        takes = set(rules.model_params) | set(rules.global_params)
+        mergekit_only = _MERGEKIT_PARAMS.get(self.method, frozenset()) - takes
+        valid = takes | mergekit_only | {"int8_mask"} | set(_RECIPE_LEVEL)
         out: dict[str, ParamValue] = {}
         for key, value in node.value.items():
             line = node.key_lines[key]
             if key not in valid:
-                others = [m for m, r in _RULES.items() if key in r.global_params or key in r.model_params]
+                others = [m for m, r in _rules().items() if key in r.global_params or key in r.model_params]
                 if others:
                     raise self.fail(
                         line,
                         f"'{key}' in {ctx} is not a parameter of {self.method} (it belongs to "
                         f"{', '.join(others)}); remove it or change merge_method",
                     )
-                pool = valid if _suggest(key, valid) else list(_KINDS)
+                pool = sorted(valid) if _suggest(key, sorted(valid)) else list(_KINDS)
+                listed = sorted(takes - {"int8_mask"}) + list(_RECIPE_LEVEL)
                 raise self.fail(
                     line,
                     f"unknown key '{key}' in {ctx}{_suggest(key, pool)}; {self.method} takes "
-                    f"{', '.join(sorted(set(valid) - {'int8_mask'}))}",
+                    f"{', '.join(listed)}",
+                )
+            if per_model and key in _RECIPE_LEVEL:
+                raise self.fail(
+                    line,
+                    f"'{key}' in {ctx} is a setting of the whole output; move it to the "
+                    "top-level 'parameters:'",
                 )
             pv = self.parse_setting(key, value, f"{ctx}.{key}", line)
             if key == "int8_mask":
@@ -879,16 +870,43 @@ class _Parser:
                     "int8_mask is ignored: in mergekit it only stores the sign mask as int8 "
                     "to save memory and does not change the result",
                 )
-                continue
-            if per_model and key not in rules.model_params:
+            elif key in mergekit_only:
+                self.note(
+                    line,
+                    f"'{key}' has no effect with {self.method} and is ignored, as in mergekit "
+                    f"(it takes {', '.join(sorted(takes - {'int8_mask'}))})",
+                )
+            elif key in _RECIPE_LEVEL:
+                self.recipe_level[key] = pv.setting
+            elif per_model and key not in rules.model_params:
                 self.note(
                     line,
                     f"'{key}' in {ctx} is ignored: it applies to the whole merge, and mergekit "
                     "reads it only from the top-level 'parameters:'; move it there",
                 )
-                continue
-            out[key] = pv
+            else:
+                out[key] = pv
         return out
+
+    def rescale_none(self, parameters: dict[str, ParamValue]) -> None:
+        """``rescale_mode: none`` means mergekit's ``rescale: false``; store it that way."""
+        mode = parameters.get("rescale_mode")
+        if mode is None or "none" not in set(mode.leaves()):
+            return
+        if not mode.is_scalar:
+            raise self.fail(
+                mode.line,
+                "rescale_mode 'none' cannot vary by filter or layer; use filters on "
+                "`rescale: false` instead",
+            )
+        rescale = parameters.get("rescale")
+        if rescale is not None and True in set(rescale.leaves()):
+            raise self.fail(
+                mode.line,
+                f"rescale_mode: none contradicts rescale: true (line {rescale.line}); keep one",
+            )
+        parameters["rescale"] = ParamValue(False, mode.line)
+        del parameters["rescale_mode"]
 
     def parse_setting(self, name: str, node: YNode, ctx: str, line: int) -> ParamValue:
         """One parameter value; ``line`` (the key's line) labels the whole setting."""
@@ -975,7 +993,7 @@ class _Parser:
             if type(v) is not int:
                 raise bad("an integer")
         elif kind == "choice":
-            choices = _CHOICES[name]
+            choices = _choices()[name]
             if v not in choices:
                 hint = _suggest(v, choices) if isinstance(v, str) else ""
                 raise self.fail(
@@ -986,7 +1004,7 @@ class _Parser:
             v = self.size(node, ctx)
         problem = _range_problem(name, v)
         if problem:
-            raise self.fail(node.line, f"{ctx}: {problem}")
+            raise self.fail(node.line, f"{ctx} is {problem}")
         return v
 
     def size(self, node: YNode, ctx: str) -> int:
@@ -1152,9 +1170,7 @@ class _Parser:
         any_grad = any(_has_gradient(pv) for pv in pvs)
         for t, matched in scen:
             contains = matched.__contains__
-            normalize = _first_set([norm], t, contains)
-            if normalize is None:
-                normalize = self.rules.global_params["normalize"]
+            normalize = self.value_at("normalize", [norm], t, contains)
             if not normalize:
                 continue
             weights = [_first_set(c, t, contains) for c in chains]
@@ -1179,10 +1195,9 @@ class _Parser:
                 )
 
     def check_della(self, recipe: Recipe) -> None:
-        _, m_defaults = method_parameters(self.method)
         for spec in recipe.models:
-            dchain = [spec.parameters.get("density"), recipe.parameters.get("density")]
-            echain = [spec.parameters.get("epsilon"), recipe.parameters.get("epsilon")]
+            dchain = self.chain("density", spec, recipe)
+            echain = self.chain("epsilon", spec, recipe)
             scen = self.scenarios(dchain + echain)
             if scen is None:
                 continue
@@ -1190,10 +1205,8 @@ class _Parser:
             any_grad = any(_has_gradient(pv) for pv in dchain + echain)
             for t, matched in scen:
                 contains = matched.__contains__
-                d = _first_set(dchain, t, contains)
-                e = _first_set(echain, t, contains)
-                d = m_defaults["density"] if d is None else d
-                e = m_defaults["epsilon"] if e is None else e
+                d = self.value_at("density", dchain, t, contains)
+                e = self.value_at("epsilon", echain, t, contains)
                 if d >= 1.0:
                     continue  # della passes the tensor through unpruned
                 if d - e <= 0 or d + e >= 1:
@@ -1229,17 +1242,13 @@ class _Parser:
                     f"cabs order must list every merged model once ({what}); models: "
                     f"{', '.join(names)}",
                 )
-        _, m_defaults = method_parameters("cabs")
         for spec in recipe.models:
-            nchain = [spec.parameters.get("n"), recipe.parameters.get("n")]
-            mchain = [spec.parameters.get("m"), recipe.parameters.get("m")]
-            scen = self.scenarios(nchain + mchain) or []
-            for t, matched in scen:
+            nchain = self.chain("n", spec, recipe)
+            mchain = self.chain("m", spec, recipe)
+            for t, matched in self.scenarios(nchain + mchain) or []:
                 contains = matched.__contains__
-                n = _first_set(nchain, t, contains)
-                m = _first_set(mchain, t, contains)
-                n = m_defaults["n"] if n is None else n
-                m = m_defaults["m"] if m is None else m
+                n = self.value_at("n", nchain, t, contains)
+                m = self.value_at("m", mchain, t, contains)
                 if n > m:
                     src = next((pv for pv in nchain + mchain if pv is not None), None)
                     raise self.fail(
@@ -1247,6 +1256,17 @@ class _Parser:
                         f"cabs keeps n of every m entries, so n must not exceed m: model "
                         f"'{spec.name}' has n={n}, m={m}",
                     )
+
+    def chain(self, name: str, spec: ModelSpec, recipe: Recipe) -> list[ParamValue | None]:
+        """Where a value for (model, name) may come from, highest precedence first."""
+        top = recipe.parameters.get(name)
+        return [spec.parameters.get(name), top] if name in self.rules.model_params else [top]
+
+    def value_at(self, name: str, chain: list[ParamValue | None], t: float, contains: Callable[[str], bool]) -> Any:
+        v = _first_set(chain, t, contains)
+        if v is None:
+            v = self.rules.model_params.get(name, self.rules.global_params.get(name))
+        return v
 
 
 def _has_gradient(pv: ParamValue | None) -> bool:

@@ -432,7 +432,7 @@ def test_mergeplan_sections_are_kept():
     assert r.guides == {"aim": {"omega": 0.4}, "lewis": {"gamma": 0.4, "epsilon": 0.9}, "sens": {}}
     assert r.calibration == {"data": "calib.txt", "samples": 64, "seq_len": 256, "batch_size": 4, "device": "cpu"}
     assert r.param("order", tensor_name=MLP, layer=0, num_layers=2) == ["code", "math"]
-    assert r.param("max_shard_size", tensor_name=MLP, layer=0, num_layers=2) == 2 * 10**9
+    assert r.max_shard_size == 2 * 10**9 and "max_shard_size" not in r.parameters
     assert r.param("n", tensor_name=MLP, layer=0, num_layers=2, model="code") == 8
     assert r.param("n", tensor_name=MLP, layer=0, num_layers=2, model="math") == 16
     assert r.where("guides.lewis.epsilon") == "r.yaml:18"
@@ -509,9 +509,9 @@ def test_unknown_parameter_names_line_and_suggests():
         ("merge_method: ties\nbase_model: ./b\nmodels: {model: ./a}\n", 3, "'models' must be a non-empty list"),
         ("merge_method: ties\nbase_model: [./b]\nmodels: [{model: ./a, parameters: {weight: 1}}]\n", 2, "base_model must be a path"),
         # density outside (0, 1], scalar and gradient anchor
-        ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters:\n      weight: 1\n      density: 0\n", 7, "density 0 is outside (0, 1]"),
-        ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters:\n      weight: 1\n      density:\n        - 0.5\n        - 1.5\n", 9, "density 1.5 is outside (0, 1]"),
-        ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\nparameters:\n  density:\n    - filter: mlp\n      value: -0.2\n", 7, "density -0.2 is outside"),
+        ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters:\n      weight: 1\n      density: 0\n", 7, "models[0].parameters.density is 0, outside (0, 1]"),
+        ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters:\n      weight: 1\n      density:\n        - 0.5\n        - 1.5\n", 9, "density is 1.5, outside (0, 1]"),
+        ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\nparameters:\n  density:\n    - filter: mlp\n      value: -0.2\n", 7, "parameters.density is -0.2, outside"),
         # missing weight
         ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters: {density: 0.5}\n", 4, "model 'a' has no weight"),
         # parameter of another method
@@ -655,3 +655,40 @@ def test_global_parameter_inside_a_model_is_ignored_with_a_note():
     assert "lambda" not in r.models[0].parameters
     assert any(":5:" in n and "'lambda'" in n and "ignored" in n for n in r.notes)
     assert r.param("lambda", tensor_name=MLP, layer=0, num_layers=2, model="a") == 1.0
+
+
+def test_rescale_mode_none_means_rescale_false():
+    r = parse_recipe(
+        y("""
+        merge_method: dare_ties
+        base_model: ./base
+        models: [{model: ./a, parameters: {weight: 1, density: 0.5}}]
+        parameters: {rescale_mode: none}
+        """)
+    )
+    assert "rescale_mode" not in r.parameters
+    assert r.param("rescale", tensor_name=MLP, layer=0, num_layers=2) is False
+    with pytest.raises(MergeplanError, match=r"^r\.yaml:4: rescale_mode: none contradicts rescale: true"):
+        parse_recipe(
+            "merge_method: dare_ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\n"
+            "parameters: {rescale_mode: none, rescale: true}\n",
+            "r.yaml",
+        )
+
+
+def test_density_with_task_arithmetic_is_accepted_and_noted_like_mergekit():
+    r = parse_recipe(
+        y("""
+        merge_method: task_arithmetic
+        base_model: ./base
+        models: [{model: ./a, parameters: {weight: 1, density: 0.5}}]
+        """)
+    )
+    assert "density" not in r.models[0].parameters
+    assert any(":3:" in n and "'density' has no effect with task_arithmetic" in n for n in r.notes)
+
+
+def test_method_names_match_the_methods_registry():
+    from mergeplan.methods.registry import METHODS
+
+    assert set(METHOD_NAMES) == set(METHODS)
