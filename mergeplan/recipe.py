@@ -413,6 +413,23 @@ class Recipe:
             )
         return default
 
+    def tensor_params(
+        self, tensor_name: str, layer: int | None, num_layers: int
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Every parameter resolved for one tensor: (global, per model in ``models`` order).
+
+        The shape ``mergeplan.methods.registry.resolve_params`` takes, defaults filled
+        in. CABS ``order`` becomes indices into ``models`` (the recipe names models).
+        """
+        g_defaults, m_defaults = method_parameters(self.merge_method)
+        kw = {"tensor_name": tensor_name, "layer": layer, "num_layers": num_layers}
+        glob = {k: self.param(k, **kw) for k in g_defaults}
+        if glob.get("order") is not None:
+            index = {m.name: i for i, m in enumerate(self.models)}
+            glob["order"] = [index[n] for n in glob["order"]]
+        per_model = [{k: self.param(k, model=m, **kw) for k in m_defaults} for m in self.models]
+        return glob, per_model
+
 
 def _first_set(chain: list[ParamValue | None], t: float, contains: Callable[[str], bool]) -> Any:
     for pv in chain:

@@ -692,3 +692,22 @@ def test_method_names_match_the_methods_registry():
     from mergeplan.methods.registry import METHODS
 
     assert set(METHOD_NAMES) == set(METHODS)
+
+
+def test_tensor_params_feed_the_methods_registry():
+    from mergeplan.methods.registry import resolve_params
+
+    r = parse_recipe(
+        y("""
+        merge_method: cabs
+        base_model: ./base
+        models:
+          - {model: ./m, name: math, parameters: {weight: 1.1}}
+          - {model: ./c, name: code, parameters: {weight: [1.0, 0.5], n: 8}}
+        parameters: {order: [code, math], m: 16}
+        """)
+    )
+    glob, per_model = r.tensor_params(MLP, 3, 4)
+    assert glob["order"] == [1, 0] and glob["m"] == 16 and glob["lambda"] == 1.0
+    assert per_model == [{"weight": 1.1, "n": 16}, {"weight": 0.5, "n": 8}]
+    assert resolve_params("cabs", glob, per_model) == (glob, per_model)
