@@ -1,0 +1,185 @@
+"""Tensor detail: every decision for one tensor and the statistics behind it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from mergeplan.plan.model import OP_MERGE
+from mergeplan.plan.names import parse_name
+
+from ..tensorinfo import aim_summary, flatten_stats, fmt_num, layer_stats, mask_info, overlaps, per_model_stats, summarize
+from .edit import Prefill
+
+if TYPE_CHECKING:
+    from ..app import ReviewApp
+
+
+class DetailScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("backspace", "back", "Back", show=False),
+        Binding("left_square_bracket", "step(-1)", "Prev", key_display="["),
+        Binding("right_square_bracket", "step(1)", "Next", key_display="]"),
+        Binding("e", "edit", "Edit"),
+    ]
+
+    tensor: reactive[str] = reactive("", init=False)
+
+    def __init__(self, tensor: str):
+        super().__init__()
+        self.set_reactive(DetailScreen.tensor, tensor)
+
+    @property
+    def review(self) -> "ReviewApp":
+        return cast("ReviewApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="detail-scroll"):
+            yield Static(id="detail-body")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.watch(self.review, "revision", self._render_body, init=False)
+        self._render_body()
+        self.query_one("#detail-scroll").focus()
+
+    def watch_tensor(self) -> None:
+        self._render_body()
+
+    def _render_body(self) -> None:
+        self.query_one("#detail-body", Static).update(render_tensor(self.review, self.tensor))
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_step(self, step: int) -> None:
+        names = [t.name for t in self.review.editor.plan.tensors]
+        self.tensor = names[(names.index(self.tensor) + step) % len(names)]
+
+    def action_edit(self) -> None:
+        t = self.review.editor.plan.tensor(self.tensor)
+        field = "density" if t.contributions and t.op == OP_MERGE else "lambda"
+        self.review.open_edit(Prefill(field=field, pattern=self.tensor))
+
+
+def render_tensor(app: "ReviewApp", name: str) -> Group:
+    editor = app.editor
+    plan = editor.plan
+    t = plan.tensor(name)
+    pn = parse_name(name)
+    models = [m.id for m in plan.task_models]
+    parts: list = []
+
+    head = Text()
+    head.append(name, style="bold")
+    head.append("\n")
+    where = f"layer {pn.layer}" if pn.layer is not None else "outside the blocks"
+    shape = "x".join(map(str, t.shape)) or "scalar"
+    head.append(f"{where} · {pn.component} · shape {shape} · {t.dtype} · op {t.op}")
+    if t.source:
+        head.append(f" from {t.source}")
+    if t.params:
+        head.append("\nparams: " + ", ".join(f"{k}={summarize(v)}" for k, v in sorted(t.params.items())))
+        planned_lambda = editor.planned(name, None, "lambda")
+        if t.op == OP_MERGE and editor.get(name, None, "lambda") != planned_lambda:
+            head.append(f" (planned lambda {fmt_num(planned_lambda)})", style="bold yellow")
+    parts.append(head)
+
+    if t.contributions:
+        # One column per model, one row per fact: fits 80 columns with three or four models.
+        cs = t.contributions
+        infos = {c.model: mask_info(t, c) for c in cs}
+        tab = Table(title="Per model", title_justify="left", title_style="bold", box=None, padding=(0, 1),
+                    header_style="bold")
+        tab.add_column("", style="cyan", no_wrap=True)
+        for c in cs:
+            tab.add_column(c.model)
+
+        def changed(value: float, planned: float | None) -> Text:
+            out = Text(fmt_num(value))
+            if planned is not None and planned != value:
+                out.append(f" (was {fmt_num(planned)})", style="bold yellow")
+            return out
+
+        tab.add_row("weight", *(changed(c.weight, editor.planned(name, c.model, "weight")) for c in cs))
+        tab.add_row("density", *(changed(c.density, editor.planned(name, c.model, "density")) for c in cs))
+        tab.add_row("mask", *(infos[c.model].kind + (f" {infos[c.model].params}" if infos[c.model].params else "")
+                              for c in cs))
+        tab.add_row("mask digest", *(Text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
+                                          else "") for c in cs))
+        tab.add_row("kept", *(fmt_num(infos[c.model].kept, 3) + ("" if infos[c.model].exact else " (nominal)")
+                              for c in cs))
+        ov = overlaps(t)
+        approx = False
+        for other in cs:
+            cells = []
+            for c in cs:
+                if c.model == other.model:
+                    cells.append("—")
+                    continue
+                v, exact = ov[(c.model, other.model)]
+                approx |= not exact
+                cells.append(("" if exact else "≈") + f"{v:.3f}")
+            tab.add_row(f"overlap {other.model}", *cells)
+        for key in sorted({k for c in cs for k in c.source}):
+            tab.add_row(f"{key} set by", *(c.source.get(key, "—") for c in cs))
+        for key, per in per_model_stats(t, models).items():
+            tab.add_row(key, *(summarize(per[c.model]) if c.model in per else "—" for c in cs))
+        parts.append(tab)
+        if any(i.recompute for i in infos.values()):
+            parts.append(Text("Edited density: the planner's mask digest is dropped; apply recomputes the mask "
+                              "from its recipe (kind, seed, density) without a digest check.", style="yellow"))
+        if approx:
+            parts.append(Text("overlap: share of entries both masks keep; ≈ is d_i·d_j, expected for independent "
+                              "masks (exact only for explicit masks).", style="dim"))
+
+    aim = aim_summary(t)
+    if aim is not None:
+        atext = Text()
+        atext.append("AIM relaxation", style="bold")
+        planned_omega = editor.planned(name, None, "omega")
+        atext.append(f"  omega {aim.omega:g}")
+        if planned_omega is not None and planned_omega != aim.omega:
+            atext.append(f" (planned {planned_omega:g})", style="bold yellow")
+        atext.append(f" · axis {aim.axis} · {aim.n} channels · factor 1 - a(1-omega): min {aim.lo:.3f} "
+                     f"mean {aim.mean:.3f} max {aim.hi:.3f}\n")
+        top = max(aim.counts) or 1
+        for i, n in enumerate(aim.counts):
+            bar = "█" * max(1 if n else 0, round(30 * n / top))
+            atext.append(f"  {aim.edges[i]:.3f}-{aim.edges[i + 1]:.3f} ")
+            atext.append(bar.ljust(30), style="cyan")
+            atext.append(f" {n}\n")
+        parts.append(atext)
+
+    other = {k: v for k, v in t.stats.items() if k not in per_model_stats(t, models)}
+    if other:
+        stab = Table(title="Tensor statistics", title_justify="left", box=None, padding=(0, 1), header_style="bold")
+        stab.add_column("statistic")
+        stab.add_column("value")
+        for k, v in flatten_stats(other):
+            stab.add_row(k, v)
+        parts.append(stab)
+
+    lrows = layer_stats(plan, name, len(app.grid_model.layers) and max(app.grid_model.layers) + 1)
+    if lrows:
+        ltab = Table(title=f"Guide statistics for {where}", title_justify="left", box=None, padding=(0, 1),
+                     header_style="bold")
+        ltab.add_column("statistic")
+        ltab.add_column("value")
+        for k, v in lrows:
+            ltab.add_row(k, v)
+        parts.append(ltab)
+    elif not t.stats and aim is None:
+        parts.append(Text("No guide statistics recorded for this tensor.", style="dim"))
+    return Group(*parts)

@@ -1,0 +1,116 @@
+"""Overview: what this plan is (models, method, guides, calibration, digest, history)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from mergeplan.plan.model import OP_MERGE
+
+from ..tensorinfo import flatten_stats, summarize
+
+if TYPE_CHECKING:
+    from ..app import ReviewApp
+
+_STATUS_STYLE = {"found": "green", "changed": "bold red", "missing": "yellow"}
+
+
+class OverviewScreen(Screen):
+    @property
+    def review(self) -> "ReviewApp":
+        return cast("ReviewApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="overview-scroll"):
+            yield Static(id="overview-body")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        for attr in ("revision", "model_status", "file_digest"):
+            self.watch(self.review, attr, self._render_body, init=False)
+        self._render_body()
+        self.query_one("#overview-scroll").focus()
+
+    def _render_body(self) -> None:
+        self.query_one("#overview-body", Static).update(render_overview(self.review))
+
+
+def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    tab = Table(title=title, title_justify="left", title_style="bold", box=None, padding=(0, 1), show_header=False)
+    tab.add_column(style="cyan", no_wrap=True)
+    tab.add_column()
+    for k, v in rows:
+        tab.add_row(k, v)
+    return tab
+
+
+def render_overview(app: "ReviewApp") -> Group:
+    plan = app.editor.plan
+    merged = sum(t.op == OP_MERGE for t in plan.tensors)
+    layers = app.grid_model.layers
+    rows = [
+        ("file", app.editor.path or "(unsaved)"),
+        ("method", plan.method + (" · " + ", ".join(f"{k}={summarize(v)}" for k, v in sorted(plan.params.items()))
+                                  if plan.params else "")),
+        ("seed", str(plan.seed)),
+        ("out dtype", plan.out_dtype or "as inputs"),
+        ("tensors", f"{len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied) · "
+                    f"{len(layers)} layers"),
+        ("digest", app.file_digest or "computing..."),
+        ("created", f"{plan.created or '?'} by mergeplan {plan.mergeplan_version or '?'}"),
+    ]
+    if plan.recipe.get("path"):
+        rows.append(("recipe", str(plan.recipe["path"])))
+    parts: list = [_kv_table("Plan", rows)]
+
+    mtab = Table(title="Models", title_justify="left", title_style="bold", box=None, padding=(0, 1),
+                 header_style="bold")
+    for col in ("id", "role", "path", "on this machine"):
+        mtab.add_column(col, no_wrap=col != "on this machine")
+    for m in plan.models:
+        status = app.model_status.get(m.id, "checking...")
+        mtab.add_row(m.id, m.role, m.path, Text(status, style=_STATUS_STYLE.get(status.split(" ")[0].rstrip(":"), "")))
+    parts.append(mtab)
+
+    if plan.guides:
+        parts.append(_kv_table("Guides", flatten_stats(plan.guides)))
+    else:
+        parts.append(_kv_table("Guides", [("none", "values come from the recipe")]))
+    if plan.calibration:
+        parts.append(_kv_table("Calibration", flatten_stats(plan.calibration)))
+    if plan.stats:
+        parts.append(_kv_table("Plan statistics", flatten_stats(plan.stats, limit=12)))
+    if plan.notes:
+        parts.append(_kv_table("Notes", [("-", n) for n in plan.notes]))
+
+    pending = app.pending_count
+    htab = Table(title="Edit history", title_justify="left", title_style="bold", box=None, padding=(0, 1),
+                 header_style="bold")
+    for col in ("when", "tool", "changes"):
+        htab.add_column(col, no_wrap=col != "changes")
+    for entry in plan.edit_log:
+        changes = entry.get("changes", [])
+        first = ", ".join(_change_text(c) for c in changes[:2]) + (f" +{len(changes) - 2} more" if len(changes) > 2 else "")
+        htab.add_row(str(entry.get("time", "?")), str(entry.get("tool", "?")), f"{len(changes)}: {first}")
+    if pending:
+        htab.add_row("now", "review", Text(f"{pending} unsaved (s saves, d shows them)", style="bold yellow"))
+    if not plan.edit_log and not pending:
+        htab.add_row("—", "", "no edits since planning")
+    parts.append(htab)
+    return Group(*parts)
+
+
+def _change_text(c) -> str:
+    try:
+        tensor, model, field, old, new = c
+    except (TypeError, ValueError):
+        return str(c)
+    return f"{tensor}{f' [{model}]' if model else ''} {field} {summarize(old)}->{summarize(new)}"
