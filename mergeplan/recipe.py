@@ -543,7 +543,9 @@ class _Parser:
 
     def expect_map(self, node: YNode, ctx: str, example: str) -> None:
         if not node.is_map:
-            raise self.fail(node.line, f"{ctx} must be a mapping ({example}), not {_type_name(node)}")
+            raise self.fail(
+                node.line, f"{ctx} must be a mapping ({example}), not {_type_name(node)}"
+            )
 
     def text_value(self, node: YNode, ctx: str) -> str:
         if not node.is_scalar or not isinstance(node.value, str) or not node.value:
@@ -698,7 +700,8 @@ class _Parser:
             raise self.fail(node.line, f"{ctx} must be a path (text), not {_type_name(node)}")
         allowed = ("model", "lora", "override_architecture") + (("name",) if allow_name else ())
         self.check_keys(node, allowed, ctx)
-        if "lora" in node.value and not (node.value["lora"].is_scalar and node.value["lora"].value is None):
+        lora = node.value.get("lora")
+        if lora is not None and not (lora.is_scalar and lora.value is None):
             raise self.fail(
                 node.key_lines["lora"],
                 "LoRA adapters are not supported: merge the adapter into its model first "
@@ -776,7 +779,9 @@ class _Parser:
         self.model_entry_lines = [e.line for e in node.value]
         return out
 
-    def place_base(self, base: tuple[str, str | None, int] | None, models: list[ModelSpec]) -> list[ModelSpec]:
+    def place_base(
+        self, base: tuple[str, str | None, int] | None, models: list[ModelSpec]
+    ) -> list[ModelSpec]:
         """Separate the base model from the inputs the way mergekit does, and check ids."""
         self.base_spec: ModelSpec | None = None
         for j, mj in enumerate(models):
@@ -860,7 +865,11 @@ class _Parser:
         for key, value in node.value.items():
             line = node.key_lines[key]
             if key not in valid:
-                others = [m for m, r in _rules().items() if key in r.global_params or key in r.model_params]
+                others = [
+                    m
+                    for m, r in _rules().items()
+                    if key in r.global_params or key in r.model_params
+                ]
                 if others:
                     raise self.fail(
                         line,
@@ -981,7 +990,8 @@ class _Parser:
         kind = _KINDS[name]
         v = node.value
         bad = lambda want: self.fail(  # noqa: E731
-            node.line, f"{ctx} must be {want}, not {_type_name(v)}" + (f" {v!r}" if v is not None else "")
+            node.line,
+            f"{ctx} must be {want}, not {_type_name(v)}" + (f" {v!r}" if v is not None else ""),
         )
         if kind == "float":
             if isinstance(v, bool) or not isinstance(v, (int, float, str)):
@@ -1166,7 +1176,8 @@ class _Parser:
     def describe(t: float, matched: frozenset[str], any_filters: bool, any_grad: bool) -> str:
         parts = []
         if matched:
-            parts.append("tensors whose names contain " + " and ".join(f"'{f}'" for f in sorted(matched)))
+            quoted = " and ".join(f"'{f}'" for f in sorted(matched))
+            parts.append(f"tensors whose names contain {quoted}")
         elif any_filters:
             parts.append("tensors matching none of the filters")
         else:
@@ -1176,12 +1187,12 @@ class _Parser:
         return " ".join(parts)
 
     def check_linear_weights(self, recipe: Recipe, root: YNode) -> None:
-        chains = [[m.parameters.get("weight"), recipe.parameters.get("weight")] for m in recipe.models]
+        chains = [self.chain("weight", m, recipe) for m in recipe.models]
         norm = recipe.parameters.get("normalize")
         pvs = [pv for c in chains for pv in c] + [norm]
         scen = self.scenarios(pvs)
         if scen is None:
-            self.note(None, "too many filters to check that linear weights sum to a positive number")
+            self.note(None, "too many filters to check that the linear weights sum above 0")
             return
         any_filters = any(s for _, s in scen)
         any_grad = any(_has_gradient(pv) for pv in pvs)
@@ -1279,7 +1290,10 @@ class _Parser:
         top = recipe.parameters.get(name)
         return [spec.parameters.get(name), top] if name in self.rules.model_params else [top]
 
-    def value_at(self, name: str, chain: list[ParamValue | None], t: float, contains: Callable[[str], bool]) -> Any:
+    def value_at(
+        self, name: str, chain: list[ParamValue | None], t: float, contains: Callable[[str], bool]
+    ) -> Any:
+        """The first value set along ``chain`` at (t, matched filters), else the default."""
         v = _first_set(chain, t, contains)
         if v is None:
             v = self.rules.model_params.get(name, self.rules.global_params.get(name))

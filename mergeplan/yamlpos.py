@@ -76,10 +76,13 @@ def _construct_scalar(node: yaml.ScalarNode) -> Any:
 def _convert(node: yaml.Node, path: str | Path | None) -> YNode:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        # Resolves YAML merge keys ("<<: *anchor") the way safe_load does.
+        explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+        # Resolves YAML merge keys ("<<: *anchor") the way safe_load does: merged pairs
+        # come first, so a key written explicitly overrides a merged one.
         _CONSTRUCTOR.flatten_mapping(node)
         items: dict[str, YNode] = {}
         key_lines: dict[str, int] = {}
+        merged: set[str] = set()
         for key_node, value_node in node.value:
             key_line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
@@ -88,11 +91,15 @@ def _convert(node: yaml.Node, path: str | Path | None) -> YNode:
                     "list or mapping; check the indentation"
                 )
             key = key_node.value
-            if key in items:
+            if key in items and key not in merged:
                 raise MergeplanError(
                     f"{where(path, key_line)}: duplicate key '{key}' (first at line "
                     f"{key_lines[key]}); keep one of them"
                 )
+            if id(key_node) in explicit:
+                merged.discard(key)
+            else:
+                merged.add(key)
             items[key] = _convert(value_node, path)
             key_lines[key] = key_line
         return YNode(items, line, "map", key_lines)

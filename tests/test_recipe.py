@@ -711,3 +711,22 @@ def test_tensor_params_feed_the_methods_registry():
     assert glob["order"] == [1, 0] and glob["m"] == 16 and glob["lambda"] == 1.0
     assert per_model == [{"weight": 1.1, "n": 16}, {"weight": 0.5, "n": 8}]
     assert resolve_params("cabs", glob, per_model) == (glob, per_model)
+
+
+def test_yaml_anchors_and_merge_keys_work_like_safe_load():
+    r = parse_recipe(
+        y("""
+        merge_method: ties
+        base_model: ./base
+        models:
+          - model: ./a
+            parameters: &common {weight: 1, density: 0.5}
+          - model: ./b
+            parameters:
+              <<: *common
+              density: 0.3
+        """)
+    )
+    assert r.models[1].parameters["weight"].setting == 1.0
+    assert r.models[1].parameters["density"].setting == 0.3
+    assert r.models[1].parameters["density"].line == 9
