@@ -1,0 +1,1 @@
+"""Calibration engine: data loading, model passes with hooks, plain statistics (no merge logic)."""

@@ -8,6 +8,7 @@ names (e.g. "model.layers.3.mlp.down_proj.weight") and model ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -28,3 +29,11 @@ class GuideDecisions:
     guides: dict[str, Any] = field(default_factory=dict)
     # calibration settings, data digests, device, timings
     calibration: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One input model as the planner hands it to the guides: its recipe id and its directory."""
+
+    id: str
+    path: Path

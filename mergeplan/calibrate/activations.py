@@ -1,0 +1,207 @@
+"""Per-input-channel activation statistics from forward pre-hooks.
+
+For each hooked module the collector sums, over every non-padding token, |x_j| ("abs",
+AIM's statistic) and/or x_j^2 ("sq", Wanda/LEWIS's), in float32 on the module's device.
+Sums and token counts are kept apart so statistics of several passes add up exactly.
+
+Cost: modules fed the same tensor (q/k/v, gate/up) share one reduction; a batch without
+padding is reduced directly, one with padding first drops its padded rows. The reductions
+are norm kernels with a float32 accumulator, so no float32 copy of a bf16 input is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from mergeplan.errors import MergeplanError
+
+KINDS = ("abs", "sq")
+
+
+@dataclass
+class ActivationStats:
+    """Sums over tokens per input channel (float32 numpy, on the host) and token counts."""
+
+    sums: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # kind -> module -> [C]
+    count: dict[str, int] = field(default_factory=dict)  # module -> tokens seen
+    order: list[str] = field(default_factory=list)  # modules in forward order
+    col_sq: dict[str, np.ndarray] = field(default_factory=dict)  # module -> sum_out W^2 per input column
+    notes: list[str] = field(default_factory=list)
+
+    def mean(self, kind: str, module: str) -> np.ndarray:
+        return self.sums[kind][module] / max(self.count[module], 1)
+
+    def add(self, other: "ActivationStats") -> "ActivationStats":
+        """Pool the tokens of two passes (same modules)."""
+        order = self.order + [m for m in other.order if m not in self.order]
+        out = ActivationStats(order=order, notes=self.notes + other.notes)
+        for kind in set(self.sums) | set(other.sums):
+            a, b = self.sums.get(kind, {}), other.sums.get(kind, {})
+            out.sums[kind] = {m: a.get(m, 0) + b.get(m, 0) for m in set(a) | set(b)}
+        for m in set(self.count) | set(other.count):
+            out.count[m] = self.count.get(m, 0) + other.count.get(m, 0)
+        out.col_sq = {**other.col_sq, **self.col_sq}
+        return out
+
+
+class ActivationCollector:
+    """Forward pre-hooks on `modules`; call begin_batch(mask) before each forward, end_batch after.
+
+    Raises MergeplanError naming the module where non-finite activations first appear
+    (in forward order) and, at result(), the modules whose hook never fired.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], kinds: Iterable[str], label: str):
+        self.modules = modules
+        self.kinds = tuple(k for k in KINDS if k in set(kinds))
+        if not self.kinds:
+            raise ValueError("ActivationCollector needs at least one statistic kind")
+        self.label = label
+        self._acc: dict[str, dict[str, torch.Tensor]] = {k: {} for k in self.kinds}
+        self._count: dict[str, int] = {n: 0 for n in modules}
+        self._order: list[str] = []
+        self._handles: list = []
+        self._misaligned: set[str] = set()
+        self._mask: torch.Tensor | None = None
+        self._valid = 0
+        self._idx: dict[torch.device, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, dict] | None = None
+        self._batch = -1
+
+    def __enter__(self) -> "ActivationCollector":
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def begin_batch(self, mask: torch.Tensor) -> None:
+        self._batch += 1
+        self._mask = mask.reshape(-1).bool()
+        self._valid = int(self._mask.sum())
+        self._full = self._valid == self._mask.numel()
+        self._idx = {}
+        self._last = None
+
+    def _valid_rows(self, device: torch.device) -> torch.Tensor:
+        if device not in self._idx:
+            self._idx[device] = torch.nonzero(self._mask.to(device)).squeeze(1)
+        return self._idx[device]
+
+    def _hook(self, name: str):
+        def pre_hook(module: torch.nn.Module, args: tuple) -> None:
+            if not args or not torch.is_tensor(args[0]):
+                return
+            self._add(name, args[0])
+
+        return pre_hook
+
+    def _reduce(self, name: str, x: torch.Tensor) -> dict:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        n = x2.shape[0]
+        if self._mask is None or n != self._mask.numel():
+            # Rows that are not one per token (e.g. a module fed a selection of tokens):
+            # nothing tells padding apart, so every row counts; the plan notes it.
+            self._misaligned.add(name)
+        elif not self._full:
+            x2 = x2.index_select(0, self._valid_rows(x2.device))
+            n = self._valid
+        res: dict = {"n": n}
+        if "abs" in self.kinds:
+            res["abs"] = torch.linalg.vector_norm(x2, ord=1, dim=0, dtype=torch.float32)
+        if "sq" in self.kinds:
+            res["sq"] = torch.linalg.vector_norm(x2, ord=2, dim=0, dtype=torch.float32).square_()
+        return res
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        if self._last is not None and self._last[0] is x:
+            res = self._last[1]
+        else:
+            res = self._reduce(name, x)
+            self._last = (x, res)
+        if self._count[name] == 0 and name not in self._order:
+            self._order.append(name)
+        for k in self.kinds:
+            acc = self._acc[k]
+            if name in acc:
+                acc[name] += res[k]
+            else:
+                acc[name] = res[k].clone()
+        self._count[name] += res["n"]
+
+    def end_batch(self) -> None:
+        self._last = None
+        names = [n for n in self._order if n in self._acc[self.kinds[0]]]
+        if not names:
+            return
+        flags = [torch.isfinite(self._acc[k][n]).all() for n in names for k in self.kinds]
+        devices = {f.device for f in flags}
+        ok = torch.stack(flags if len(devices) == 1 else [f.cpu() for f in flags]).cpu()
+        if bool(ok.all()):
+            return
+        first = names[int(torch.nonzero(~ok)[0]) // len(self.kinds)]
+        raise MergeplanError(
+            f"non-finite activations (NaN/inf) entering {first} of model {self.label!r} in batch "
+            f"{self._batch}: the computation before this module overflowed or its weights hold NaN; "
+            "check that model's weights, or calibrate in float32 (calibration.dtype: float32)"
+        )
+
+    def result(self) -> ActivationStats:
+        silent = [n for n in self.modules if self._count[n] == 0 and n not in self._order]
+        if silent:
+            shown = ", ".join(silent[:5]) + (f" and {len(silent) - 5} more" if len(silent) > 5 else "")
+            raise MergeplanError(
+                f"model {self.label!r}: module(s) {shown} received no input during calibration (forward hook "
+                "never fired); the model's forward does not use them, or (mixture of experts) no token was "
+                "routed to them: give more varied calibration data, or leave this guide out for this model"
+            )
+        stats = ActivationStats(order=list(self._order))
+        for k in self.kinds:
+            stats.sums[k] = {n: t.detach().to("cpu", torch.float32).numpy() for n, t in self._acc[k].items()}
+        stats.count = dict(self._count)
+        if self._misaligned:
+            stats.notes.append(
+                f"{self.label}: inputs of {', '.join(sorted(self._misaligned))} are not one row per token; "
+                "their statistics include padded positions"
+            )
+        return stats
+
+
+def column_sq_norms(weight: torch.Tensor, axis: int) -> np.ndarray:
+    """sum over outputs of W^2, per input channel, in float32 without a float32 copy of W."""
+    out_dim = 0 if axis == 1 else 1
+    v = torch.linalg.vector_norm(weight.detach(), ord=2, dim=out_dim, dtype=torch.float32).square_()
+    return v.to("cpu").numpy()
+
+
+def first_nonfinite_module(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> str | None:
+    """Re-run one batch and name the first module (in execution order) whose output is not finite."""
+    found: list[str] = []
+    handles = []
+
+    def hook(name: str):
+        def check(_mod, _args, out) -> None:
+            t = out[0] if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]) else out
+            if not found and torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                found.append(name)
+
+        return check
+
+    for name, mod in model.named_modules():
+        if name and not list(mod.children()):  # leaves: the innermost module that produced it
+            handles.append(mod.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
