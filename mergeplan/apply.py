@@ -144,7 +144,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
     state = {"done": 0, "bytes": 0}
     try:
         writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
-        where = {name: l.file for l in layouts for name in l.names()}
+        where = {t.name: l.file for l in layouts for t in l.tensors}
 
         def one(tp) -> None:
             base_id = plan.base.id if plan.base else None

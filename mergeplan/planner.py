@@ -22,17 +22,15 @@ from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.tensors import st_to_torch, torch_to_recipe
 from .methods.masks import mask_digest, overlap_rate
-from .methods.registry import METHODS
+from .methods.registry import METHODS, mask_spec, resolve_params
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
 )
 from .plan.names import num_layers, parse_name
-from .recipe import Recipe, resolve
+from .recipe import Recipe
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-# Per-model parameters that shape a mask; everything else is a per-tensor method parameter.
-_MASK_PARAMS = ("density", "gamma", "epsilon")
 _DEFAULT_SHARD = 5_000_000_000
 
 
@@ -60,19 +58,18 @@ def _open_models(recipe: Recipe, opts: PlanOptions) -> _Inputs:
 
     def open_one(ms) -> ModelDir:
         ref = opts.remap.get(ms.name, ms.ref)
-        path = resolve_model_path(ref, recipe_dir)
-        return ModelDir.open(path, name=ms.name)
+        return ModelDir.open(resolve_model_path(ref, recipe_dir), name=ms.name)
 
     base = None
-    if recipe.base_model is not None:
+    if spec.needs_base:
+        if recipe.base_model is None:
+            raise MergeplanError(f"merge_method {recipe.merge_method} needs a base_model; add `base_model: PATH` to the recipe")
         dirs[recipe.base_model.name] = open_one(recipe.base_model)
         base = ModelRef(recipe.base_model.name, ROLE_BASE, recipe.base_model.ref)
-    elif spec.needs_base:
-        raise MergeplanError(f"merge_method {recipe.merge_method} needs a base_model; add `base_model: PATH` to the recipe")
     tasks = []
     for ms in recipe.models:
         if base is not None and ms.name == base.id:
-            continue  # mergekit lets the base appear in `models`; it contributes no task vector
+            continue  # mergekit lets the base appear in `models`; it adds no task vector
         dirs[ms.name] = open_one(ms)
         tasks.append(ModelRef(ms.name, ROLE_TASK, ms.ref))
     if not tasks:
@@ -102,79 +99,48 @@ def _check_tensor_tables(inp: _Inputs) -> list[str]:
     return names
 
 
-def _param(recipe: Recipe, ms_params: dict, key: str, default: Any, name: str, layer: int | None, nl: int) -> Any:
-    if key in ms_params:
-        v = ms_params[key]
-    elif key in recipe.parameters:
-        v = recipe.parameters[key]
-    else:
-        return default
-    return resolve(v, name, layer, nl)
-
-
-def _mask_spec(kind: str | None, mp: dict[str, Any], gp: dict[str, Any]) -> dict[str, Any] | None:
-    if kind is None:
-        return None
-    if kind == "nm":
-        n, m = int(gp["n"]), int(gp["m"])
-        return {"kind": "nm", "n": n, "m": m, "density": n / m}
-    density = float(mp["density"])
-    if not 0.0 < density <= 1.0:
-        raise MergeplanError(f"density {density:g} is outside (0, 1]; fix the recipe")
-    if kind == "magnitude" and density >= 1.0:
-        return None
-    spec: dict[str, Any] = {"kind": kind, "density": density}
-    if kind == "breadcrumbs":
-        spec["gamma"] = float(mp["gamma"])
-    if kind == "della":
-        spec["epsilon"] = float(mp["epsilon"])
-    if kind in ("bernoulli", "della"):
-        if density >= 1.0 and kind == "bernoulli":
-            return None
-        spec["rescale"] = gp.get("rescale_mode", "inverse")
-    return spec
-
-
 def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions) -> list[TensorPlan]:
     spec = METHODS[recipe.merge_method]
     ref = inp.dirs[inp.base.id if inp.base else inp.tasks[0].id]
     nl = num_layers(names)
-    by_name = {m.name: m for m in recipe.models}
+    task_ids = [t.id for t in inp.tasks]
+    # recipe.models may hold the base too (mergekit allows it); map its indices to tasks.
+    recipe_index = {m.name: i for i, m in enumerate(recipe.models)}
     plans = []
     for name in names:
         info = ref.info(name)
-        layer = parse_name(name).layer
-        out_dtype = recipe.out_dtype or recipe.dtype or torch_to_recipe(st_to_torch(info.dtype))
+        dtype = torch_to_recipe(st_to_torch(info.dtype))
         if not st_to_torch(info.dtype).is_floating_point:
             src = inp.base.id if inp.base else inp.tasks[0].id
-            plans.append(TensorPlan(name, tuple(info.shape), torch_to_recipe(st_to_torch(info.dtype)), op=OP_COPY, source=src))
+            plans.append(TensorPlan(name, tuple(info.shape), dtype, op=OP_COPY, source=src))
             continue
-        gp = {k: _param(recipe, {}, k, d, name, layer, nl) for k, d in spec.global_params.items()}
+        layer = parse_name(name).layer
+        gp, per_model = recipe.tensor_params(name, layer, nl)
+        per_model = [per_model[recipe_index[t]] for t in task_ids]
+        gp, per_model = resolve_params(recipe.merge_method, gp, per_model)
         contribs = []
-        for t in inp.tasks:
-            mparams = by_name[t.id].parameters
-            mp = {k: _param(recipe, mparams, k, d, name, layer, nl) for k, d in spec.model_params.items()}
+        for t, mp in zip(task_ids, per_model):
             source = {"weight": "recipe"}
-            if decisions is not None and name in decisions.densities and t.id in decisions.densities[name]:
-                mp["density"] = decisions.densities[name][t.id]
+            if decisions is not None and t in decisions.densities.get(name, {}):
+                mp["density"] = float(decisions.densities[name][t])
                 source["density"] = "lewis"
-            elif "density" in mp:
+            elif "density" in mp or "n" in mp:
                 source["density"] = "recipe"
-            weight = float(mp.get("weight", 1.0))
-            if decisions is not None and name in decisions.weights and t.id in decisions.weights[name]:
-                weight *= float(decisions.weights[name][t.id])
+            weight = float(mp["weight"])
+            if decisions is not None and t in decisions.weights.get(name, {}):
+                weight *= float(decisions.weights[name][t])
                 source["weight"] = "recipe*sens"
-            mask = _mask_spec(spec.mask_kind, mp, gp)
-            contribs.append(Contribution(t.id, weight, mask, source))
+            mask = mask_spec(recipe.merge_method, gp, mp, where=f"{name} [{t}]")
+            contribs.append(Contribution(t, weight, mask, source))
+        params = {k: v for k, v in gp.items() if k not in ("m", "order", "int8_mask")}
         if spec.mask_kind == "nm":
-            ids = [t.id for t in inp.tasks]
-            order = gp.get("order") or ids
-            gp["cabs_order"] = [ids.index(o) for o in order]
+            order = gp.get("order")
+            names_in_order = [recipe.models[i].name for i in order] if order is not None else task_ids
+            params["cabs_order"] = [task_ids.index(n) for n in names_in_order if n in task_ids]
         relax = decisions.relax.get(name) if decisions is not None else None
         stats = dict(decisions.tensor_stats.get(name, {})) if decisions is not None else {}
-        params = {k: v for k, v in gp.items() if k not in ("n", "m", "order", "int8_mask")}
-        plans.append(TensorPlan(name, tuple(info.shape), out_dtype, op=OP_MERGE, params=params,
-                                contributions=contribs, relax=relax, stats=stats))
+        plans.append(TensorPlan(name, tuple(info.shape), recipe.output_dtype or dtype, op=OP_MERGE,
+                                params=params, contributions=contribs, relax=relax, stats=stats))
     return plans
 
 
@@ -197,7 +163,7 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
         for c, m in zip(tp.contributions, masks):
             if c.mask is not None and m is not None:
                 c.mask["digest"] = mask_digest(m.mask)
-                c.mask["kept"] = float(m.mask.float().mean())
+                tp.stats.setdefault("kept", {})[c.model] = float(m.mask.float().mean())
         real = [m.mask for m in masks if m is not None]
         if len(real) > 1:
             tp.stats["overlap"] = float(overlap_rate(real))
@@ -207,15 +173,6 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
             done += 1
             if opts.progress:
                 opts.progress("masks", done, total)
-
-
-def _max_shard_size(recipe: Recipe) -> int:
-    v = recipe.parameters.get("max_shard_size") if hasattr(recipe, "parameters") else None
-    if v is None:
-        return _DEFAULT_SHARD
-    from .io.shards import parse_size
-
-    return parse_size(v)
 
 
 def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
@@ -243,16 +200,16 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
             method=recipe.merge_method,
             models=models,
             tensors=_tensor_plans(recipe, inp, names, decisions),
-            params={k: v for k, v in recipe.parameters.items() if not isinstance(v, (list, dict))},
+            params={k: v.to_plain() for k, v in recipe.parameters.items()},
             seed=int(recipe.seed),
-            out_dtype=recipe.out_dtype or recipe.dtype,
+            out_dtype=recipe.output_dtype,
             recipe={"path": str(recipe.path) if recipe.path else "", "text": recipe.text,
                     "dir": str((recipe.path.parent if recipe.path else Path.cwd()).resolve())},
             guides=decisions.guides if decisions else {},
             calibration=decisions.calibration if decisions else {},
             stats=decisions.plan_stats if decisions else {},
             aux_files=inp.dirs[(inp.base or inp.tasks[0]).id].aux_files(),
-            max_shard_size=_max_shard_size(recipe),
+            max_shard_size=recipe.max_shard_size or _DEFAULT_SHARD,
             notes=list(recipe.notes),
             mergeplan_version=__version__,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -45,8 +45,9 @@ def layer_summary(plan: Plan) -> list[dict[str, Any]]:
         for c in t.contributions:
             a[f"density:{c.model}"].append(c.density)
             a[f"weight:{c.model}"].append(c.weight)
-            if c.mask and "kept" in c.mask:
-                a[f"kept:{c.model}"].append(c.mask["kept"])
+            kept = t.stats.get("kept", {})
+            if c.model in kept:
+                a[f"kept:{c.model}"].append(kept[c.model])
         a["lambda"].append(float(t.params.get("lambda", 1.0)))
         if t.relax:
             a["aim_factor"].append(float(aim_factors(t.relax).mean()))
@@ -118,15 +119,28 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
     _print_sens(console, plan)
     rows = layer_summary(plan)
     ids = [m.id for m in plan.task_models]
-    lt = Table(title="per layer (means over the layer's merged tensors)", title_justify="left")
-    lt.add_column("layer", justify="right")
-    cols = [f"density:{i}" for i in ids] + [f"weight:{i}" for i in ids] + [f"kept:{i}" for i in ids] + ["lambda", "aim_factor", "overlap"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    for c in cols:
-        lt.add_column(c.replace(":", " "), justify="right")
-    for r in rows:
-        lt.add_row(str(r["layer"]), *[_fmt(r[c]) if c in r else "" for c in cols])
-    console.print(lt)
+    # One small table per quantity keeps any number of models readable at 80 columns.
+    for qty, title in (("density", "density (keep fraction)"), ("weight", "weight (coefficient)"),
+                       ("kept", "kept fraction of the computed masks")):
+        cols = [i for i in ids if any(f"{qty}:{i}" in r for r in rows)]
+        if not cols:
+            continue
+        t = Table(title=f"{title}, mean per layer", title_justify="left")
+        t.add_column("layer", justify="right")
+        for i in cols:
+            t.add_column(i, justify="right")
+        for r in rows:
+            t.add_row(str(r["layer"]), *[_fmt(r.get(f"{qty}:{i}", "")) for i in cols])
+        console.print(t)
+    extra = [c for c in ("lambda", "aim_factor", "overlap") if any(c in r for r in rows)]
+    if extra:
+        t = Table(title="per tensor group, mean per layer", title_justify="left")
+        t.add_column("layer", justify="right")
+        for c in extra:
+            t.add_column({"aim_factor": "AIM factor", "overlap": "mask overlap"}.get(c, c), justify="right")
+        for r in rows:
+            t.add_row(str(r["layer"]), *[_fmt(r.get(c, "")) for c in extra])
+        console.print(t)
     if plan.edit_log:
         console.print(f"edit log: {len(plan.edit_log)} save(s), last {plan.edit_log[-1].get('time')} "
                       f"({len(plan.edit_log[-1].get('changes', []))} change(s))")

@@ -91,7 +91,7 @@ class Plan:
     calibration: dict[str, Any] = field(default_factory=dict)  # settings + data digest
     stats: dict[str, Any] = field(default_factory=dict)  # plan-level statistics for review
     aux_files: list[str] = field(default_factory=list)  # copied from the base model
-    max_shard_size: int = 5_000_000_000
+    max_shard_size: int | str = 5_000_000_000  # bytes or a size string such as "2GB"
     notes: list[str] = field(default_factory=list)
     mergeplan_version: str = ""
     created: str = ""
