@@ -121,3 +121,42 @@ def test_family_shares_vocabulary_and_names(family):
     assert "model.layers.1.mlp.down_proj.weight" in names["base"]
     cfg = {json.loads((d / "config.json").read_text())["vocab_size"] for d in [family.base, *family.models.values()]}
     assert len(cfg) == 1
+
+
+# -- float64 references, written independently of mergeplan.calibrate -----------------------
+def texts_of(path: Path) -> list[str]:
+    return [json.loads(l)["text"] for l in path.read_text().splitlines() if l.strip()]
+
+
+def tokenise(base: Path, texts: list[str], seq_len: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    return [tok(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
+
+
+def load64(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+
+
+def module_inputs64(model, seqs: list[list[int]], names: list[str]) -> dict[str, "np.ndarray"]:
+    """Each module's input rows over all tokens, running one unpadded sequence at a time in float64."""
+    import numpy as np
+
+    rows: dict[str, list] = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: rows[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).numpy().copy())
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            for s in seqs:
+                model(input_ids=torch.tensor([s]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: np.concatenate(v, axis=0) for n, v in rows.items()}

@@ -114,10 +114,18 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[to
             placement = "device_map=auto"
         else:
             kwargs["device_map"] = {"": device}
+    from transformers.utils import logging as hf_logging
+
+    # Our own progress display owns stderr; transformers' per-load bars would tear through it.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as e:
         raise MergeplanError(f"could not load {path} as a causal LM for calibration: {type(e).__name__}: {e}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
