@@ -4,20 +4,23 @@ The total order used everywhere in mergeplan: larger |x| first; on equal |x| the
 flat (row-major) index first. Every "keep the k largest" decision follows it, so top-k
 sets are nested (topk(k) is a subset of topk(k+1)) and reproducible bit for bit.
 
-How: |x| in float32, read as int32, is monotonic in magnitude (the sign bit is clear), so
-the k-th largest value can be found by two counting passes over the bit patterns
-(top 16 bits, then the low 15 bits inside the one boundary bucket) instead of a sort.
+How: |x| in float32, read as an integer, is monotonic in magnitude (the sign bit is
+clear), so the k-th largest value can be found by counting instead of sorting: a
+histogram of the high 16 bits (sign dropped: 15 bits) finds the boundary bucket, and a
+histogram of the low 16 bits of just that bucket's entries finds the exact threshold.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from mergeplan.errors import MergeplanError
 
-_HIGH_SHIFT = 15  # 31 magnitude bits = 16 high (first pass) + 15 low (boundary bucket)
-_HIGH_BINS = 1 << 16
-_LOW_BINS = 1 << _HIGH_SHIFT
+_LOW_BINS = 1 << 16  # low 16 bits of the float32 pattern
+_HIGH_BINS = 1 << 15  # high 16 bits without the sign bit
+_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)  # int16 halves of each float32
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -38,25 +41,6 @@ def _bucket_from_top(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
     return b, above, int(above_or_in[b].item()) - above
 
 
-def kth_largest_key(bits: torch.Tensor, k: int) -> tuple[int, int, int]:
-    """(T, greater, equal) for a flat int32 key tensor: the k-th largest key T, how many
-    keys are > T and how many are == T. Requires 1 <= k <= bits.numel()."""
-    high = bits >> _HIGH_SHIFT
-    b, above_high, inside = _bucket_from_top(torch.bincount(high, minlength=_HIGH_BINS), k)
-    in_bucket = high == b
-    if inside * 8 < bits.numel():
-        # Usual case, a small boundary bucket: gather it (boolean indexing; masked_select
-        # is ~15x slower on CPU).
-        counts = torch.bincount(bits[in_bucket] & (_LOW_BINS - 1), minlength=_LOW_BINS)
-    else:
-        # Huge bucket (constant or heavily tied tensors): gathering costs more than
-        # counting everything with the outsiders parked in one spare bin.
-        low = torch.where(in_bucket, bits & (_LOW_BINS - 1), _LOW_BINS)
-        counts = torch.bincount(low, minlength=_LOW_BINS + 1)[:_LOW_BINS]
-    t, above_low, equal = _bucket_from_top(counts, k - above_high)
-    return (b << _HIGH_SHIFT) | t, above_high + above_low, equal
-
-
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (shape of x) of exactly the k largest |x|; equal |x|: lower flat index wins.
 
@@ -73,16 +57,47 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     if k == n:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    bits = magnitude_bits(x)
-    threshold, greater, ties_total = kth_largest_key(bits, k)
-    mask = bits >= threshold
-    ties_needed = k - greater
-    if ties_needed < ties_total:
-        # Keys equal to the threshold stay only up to the ties_needed-th of them (lowest
-        # indices); past that position only strictly greater keys stay.
-        cut = _nth_true_index(bits == threshold, ties_needed) + 1
-        mask[cut:] = bits[cut:] > threshold
+    # Work on the two int16 halves of each float32: half the memory traffic of int32 keys.
+    halves = x.detach().to(torch.float32).contiguous().view(torch.int16).view(-1, 2)
+    high = halves[:, _HI] & 0x7FFF  # sign cleared: the top 15 magnitude bits
+    b, above, inside = _bucket_from_top(torch.bincount(high, minlength=_HIGH_BINS), k)
+    need = k - above  # how many of the boundary bucket stay
+    mask = high > b
+    if inside * 8 < n:
+        _fill_small_bucket(mask, high == b, halves[:, _LO], need)
+    else:
+        _fill_large_bucket(mask, high == b, halves[:, _LO], need)
     return mask.reshape(x.shape)
+
+
+def _low_key(low_half: torch.Tensor) -> torch.Tensor:
+    return low_half.to(torch.int32) & 0xFFFF  # the int16 half read as unsigned
+
+
+def _fill_small_bucket(mask: torch.Tensor, in_bucket: torch.Tensor, low_half: torch.Tensor, need: int) -> None:
+    """Usual case: gather the bucket's entries (in index order) and decide among them."""
+    idx = torch.nonzero(in_bucket).reshape(-1)
+    low = _low_key(low_half[idx])
+    t, above, equal = _bucket_from_top(torch.bincount(low, minlength=_LOW_BINS), need)
+    tie = low == t
+    if need - above < equal:
+        tie &= torch.cumsum(tie, 0) <= need - above  # the lowest indices among equals
+    mask[idx[(low > t) | tie]] = True
+
+
+def _fill_large_bucket(mask: torch.Tensor, in_bucket: torch.Tensor, low_half: torch.Tensor, need: int) -> None:
+    """Constant or heavily tied tensors: a gather as long as the tensor costs more than a
+    few more full passes, so count with outsiders parked in a spare bin instead."""
+    low = _low_key(low_half)
+    parked = torch.where(in_bucket, low, _LOW_BINS)
+    counts = torch.bincount(parked, minlength=_LOW_BINS + 1)[:_LOW_BINS]
+    t, above, equal = _bucket_from_top(counts, need)
+    mask |= in_bucket & (low > t)
+    tie = in_bucket & (low == t)
+    if need - above < equal:
+        cut = _nth_true_index(tie, need - above) + 1
+        tie[cut:] = False
+    mask |= tie
 
 
 _CHUNK = 1 << 16
