@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import Footer, Header, Static
 
 from ..gridmodel import ROW_EMBED, ROW_HEAD, Quantity
 from ..selection import GROUPS, format_layers
 from ..widgets.layerbars import LayerBars
 from ..widgets.plangrid import PlanGrid
+from ..widgets.statusline import StatusLine
 from .edit import Prefill
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ class GridScreen(Screen):
         yield Static(id="grid-bar")
         yield LayerBars(id="bars")
         yield PlanGrid(self.review.grid_model, self.review.editor, id="grid")
-        yield Static(id="cell-info")
+        yield StatusLine(id="cell-info")
         yield Footer(compact=True)
 
     async def on_mount(self) -> None:
@@ -60,7 +62,7 @@ class GridScreen(Screen):
             row = gm.rows.index(gm.layers[0])
             col = next((i for i, (c, _) in enumerate(grid.col_keys)
                         if c not in GROUPS["norms"] and gm.tensor_at(gm.layers[0], c)), 0)
-            grid.move_cursor(row=row, column=col, animate=False)
+            grid.move_cursor(row, col)
         grid.focus()
 
     @property
@@ -83,7 +85,7 @@ class GridScreen(Screen):
         if not q.per_model:
             shown = "per tensor"
         self.query_one("#grid-bar", Static).update(
-            f"[b]{q.label}[/b] · {shown} · scale {grid._range[0]:.3g}..{grid._range[1]:.3g}"
+            f"[b]{q.label}[/b] · {shown} · scale {grid.value_range[0]:.3g}..{grid.value_range[1]:.3g}"
             + ("" if q.field else " · read-only")
         )
         self._update_cell_info()
@@ -106,9 +108,9 @@ class GridScreen(Screen):
     def _selection_box(self) -> tuple[range, range] | None:
         if self.anchor is None:
             return None
-        cur = self.query_one(PlanGrid).cursor_coordinate
-        r0, r1 = sorted((self.anchor[0], cur.row))
-        c0, c1 = sorted((self.anchor[1], cur.column))
+        row, col = self.query_one(PlanGrid).cursor
+        r0, r1 = sorted((self.anchor[0], row))
+        c0, c1 = sorted((self.anchor[1], col))
         return range(r0, r1 + 1), range(c0, c1 + 1)
 
     def _update_selection(self) -> None:
@@ -116,7 +118,7 @@ class GridScreen(Screen):
         cells = {(r, c) for r in box[0] for c in box[1]} if box else set()
         self.query_one(PlanGrid).set_selected(cells)
 
-    def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+    def on_plan_grid_cursor_moved(self, event: PlanGrid.CursorMoved) -> None:
         if self.anchor is not None:
             self._update_selection()
         self._update_cell_info()
@@ -124,9 +126,9 @@ class GridScreen(Screen):
     def _update_cell_info(self) -> None:
         grid = self.query_one(PlanGrid)
         cell = grid.cursor_cell()
-        info = self.query_one("#cell-info", Static)
+        info = self.query_one("#cell-info", StatusLine)
         if cell is None:
-            info.update("")
+            info.text = ""
             return
         row, comp, model = cell
         q = self.quantity
@@ -148,7 +150,7 @@ class GridScreen(Screen):
         box = self._selection_box()
         if box:
             text += f" · marked {len(box[0])} rows x {len(box[1])} cols (e edits them)"
-        info.update(text)
+        info.text = escape(text)
 
     def selection_prefill(self) -> Prefill:
         """The marked box (or the cursor cell) as edit-screen fields."""
@@ -156,8 +158,8 @@ class GridScreen(Screen):
         gm = self.review.grid_model
         q = self.quantity
         box = self._selection_box()
-        cur = grid.cursor_coordinate
-        rows_i, cols_i = box if box else (range(cur.row, cur.row + 1), range(cur.column, cur.column + 1))
+        row, col = grid.cursor
+        rows_i, cols_i = box if box else (range(row, row + 1), range(col, col + 1))
         rows = [gm.rows[r] for r in rows_i]
         cols = [grid.col_keys[c] for c in cols_i]
         comps = sorted({c for c, _ in cols}, key=gm.components.index)
@@ -188,8 +190,8 @@ class GridScreen(Screen):
         self.model_filter = options[(options.index(self.model_filter) + 1) % len(options)]
 
     def action_mark(self) -> None:
-        cur = self.query_one(PlanGrid).cursor_coordinate
-        self.anchor = None if self.anchor == (cur.row, cur.column) else (cur.row, cur.column)
+        cur = self.query_one(PlanGrid).cursor
+        self.anchor = None if self.anchor == cur else cur
 
     def action_clear_mark(self) -> None:
         self.anchor = None
