@@ -290,7 +290,6 @@ def test_pack_bits_layout_and_roundtrip():
     [
         {"kind": "topk", "density": 0.5},
         {"kind": "magnitude", "density": 1.5},
-        {"kind": "magnitude", "density": 0.5, "gamma": 0.1},
         {"kind": "bernoulli", "density": 0.5, "rescale": "l2"},
         {"kind": "della", "density": 0.1, "epsilon": 0.15},
         {"kind": "breadcrumbs", "density": 0.5},
@@ -301,6 +300,13 @@ def test_bad_specs_raise_one_line_errors(spec):
     with pytest.raises(MergeplanError) as err:
         check_spec(spec, "tensor 'x', model 'y'")
     assert "\n" not in str(err.value) and "'x'" in str(err.value)
+
+
+def test_plan_annotations_beside_a_spec_are_ignored():
+    d = delta((5, 6))
+    plain = one({"kind": "magnitude", "density": 0.3}, d)
+    annotated = one({"kind": "magnitude", "density": 0.3, "digest": "ab", "kept": 0.3}, d)
+    assert torch.equal(plain.mask, annotated.mask)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
