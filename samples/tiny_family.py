@@ -329,13 +329,17 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
 # --------------------------------------------------------------------------- model
 
 
+def _check_shape(hidden: int, layers: int) -> None:
+    if hidden % 16 != 0 or hidden <= 0:
+        raise MergeplanError(f"hidden={hidden} must be a positive multiple of 16 (4 heads of even size)")
+    if layers <= 0:
+        raise MergeplanError(f"layers={layers} must be at least 1")
+
+
 def tiny_config(vocab_size: int, hidden: int = 64, layers: int = 4, tied: bool = False):
     from transformers import LlamaConfig
 
-    if hidden % 16 != 0 or hidden <= 0:
-        raise MergeplanError(f"--hidden {hidden} must be a positive multiple of 16 (4 heads of even size)")
-    if layers <= 0:
-        raise MergeplanError(f"--layers {layers} must be at least 1")
+    _check_shape(hidden, layers)
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -601,6 +605,7 @@ def build_family(
         raise MergeplanError(f"steps={steps} must be >= 0 (0 builds a random family without training)")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise MergeplanError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    _check_shape(hidden, layers)
     log = log or (lambda _msg: None)
     evaluate = steps > 0 if evaluate is None else evaluate
     root = Path(out_dir)
