@@ -77,7 +77,7 @@ def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers:
     tensors = len({t for t, _ in targets})
     per_model = field in MODEL_FIELDS
     nmodels = len({m for _, m in targets})
-    what = f"{len(targets)} values: {tensors} tensors" + (f" x {nmodels} models" if per_model else "")
+    what = f"{_n(len(targets), 'value')}: {_n(tensors, 'tensor')}" + (f" x {_n(nmodels, 'model')}" if per_model else "")
     now = _span(current)
     v: float | None = None
     if action in ("set", "scale") and not value.strip():
@@ -105,6 +105,10 @@ def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers:
     else:
         raise MergeplanError(f"unknown action {action!r}")
     return EditRequest(action, field, targets, v, summary)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _span(values: list[float]) -> str:

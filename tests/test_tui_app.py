@@ -1,0 +1,373 @@
+"""The review app driven by keyboard (and mouse) through Pilot: navigate, edit ranges,
+undo/redo, save and reopen, refuse invalid values, ask before losing edits."""
+
+import asyncio
+import io
+
+import msgpack
+import numpy as np
+import pytest
+
+from rich.console import Console
+
+from mergeplan.errors import PlanFormatError
+from mergeplan.plan import read_plan, write_plan
+from mergeplan_tui import run_review
+from mergeplan_tui.app import make_app
+from mergeplan_tui.fingerprint import make_checker
+from mergeplan_tui.screens.detail import DetailScreen
+from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen
+from mergeplan_tui.screens.diff import DiffScreen
+from mergeplan_tui.screens.edit import EditScreen
+from mergeplan_tui.screens.grid import GridScreen
+from mergeplan_tui.screens.help import HelpScreen
+from mergeplan_tui.screens.overview import render_overview
+from mergeplan_tui.widgets.plangrid import PlanGrid
+from plan_factory import make_plan
+
+STATUS = {"base": "found", "math": "changed: shard model-00001.safetensors differs", "code": "missing (no directory ./code)"}
+
+
+def fixed_status(ref):
+    return STATUS.get(ref.id, "found")
+
+
+def review_plan(layers: int = 6):
+    """The factory plan plus what guides record: parameters, calibration, Sens per-layer
+    statistics and one earlier edit (fixed time, so screens are reproducible)."""
+    plan = make_plan(layers=layers, models=("math", "code"))
+    plan.guides = {"lewis": {"gamma": 0.3, "epsilon": 0.8, "mode": "minmax"}, "aim": {"omega": 0.4}}
+    plan.calibration = {"samples": 15, "seq_len": 256, "data": "sha256:" + "ab" * 8}
+    groups = layers + 3
+    plan.stats = {"sens": {"alpha": {"math": np.linspace(0.1, 0.9, groups).astype(np.float32),
+                                     "code": np.linspace(0.9, 0.1, groups).astype(np.float32)},
+                           "tau": {"math": 0.6, "code": 0.4}}}
+    plan.edit_log = [{"time": "2026-01-02T03:04:05+00:00", "tool": "review",
+                      "changes": [["model.layers.0.mlp.up_proj.weight", "math", "weight", 1.0, 1.1]]}]
+    return plan
+
+
+def write(tmp_path, plan=None, name="merge.plan"):
+    path = tmp_path / name
+    write_plan(plan or review_plan(), path)
+    return path
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def plain(renderable, width: int = 120) -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def cursor_at(grid: PlanGrid, layer: int, comp: str, model: str | None):
+    return grid.gm.rows.index(layer), grid.col_keys.index((comp, model))
+
+
+async def goto(pilot, grid: PlanGrid, layer: int, comp: str, model: str | None):
+    """Move there with arrow keys only, as a user would."""
+    row, col = cursor_at(grid, layer, comp, model)
+    r, c = grid.cursor
+    keys = ["down" if row > r else "up"] * abs(row - r) + ["right" if col > c else "left"] * abs(col - c)
+    if keys:
+        await pilot.press(*keys)
+    assert grid.cursor == (row, col)
+
+
+def test_navigate_open_detail_step_and_back(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            assert isinstance(app.screen, GridScreen)
+            assert grid.at(*grid.cursor) == (0, "q", "math")  # starts on the first layer's first projection
+            await goto(pilot, grid, 3, "down", "code")
+            await pilot.press("enter")
+            assert isinstance(app.screen, DetailScreen)
+            assert app.screen.tensor == "model.layers.3.mlp.down_proj.weight"
+            await pilot.press("right_square_bracket")
+            assert app.screen.tensor == "model.layers.3.input_layernorm.weight"
+            await pilot.press("left_square_bracket", "left_square_bracket")
+            assert app.screen.tensor == "model.layers.3.mlp.up_proj.weight"
+            await pilot.press("escape")
+            assert isinstance(app.screen, GridScreen)
+            await pilot.press("o")
+            assert type(app.screen).__name__ == "OverviewScreen"
+            await pilot.press("g")
+            assert app.screen.query_one(PlanGrid).cursor == cursor_at(grid, 3, "down", "code")
+
+    run(go())
+
+
+def test_mouse_click_moves_cursor_then_opens(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(120, 40)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            row, col = cursor_at(grid, 2, "k", "math")
+            offset = (5 + col * 5 + 1, 2 + row)  # label column 5 wide, cells 5 wide, 2 header lines
+            await pilot.click(PlanGrid, offset=offset)
+            assert grid.cursor == (row, col)
+            await pilot.click(PlanGrid, offset=offset)
+            assert isinstance(app.screen, DetailScreen)
+            assert app.screen.tensor == "model.layers.2.self_attn.k_proj.weight"
+
+    run(go())
+
+
+def test_range_edit_undo_redo_save_and_reopen(tmp_path):
+    path = write(tmp_path)
+    before = read_plan(path)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            # mark layers 1..3 x gate..down for model math, then edit the box
+            await goto(pilot, grid, 1, "gate", "math")
+            await pilot.press("space")
+            await goto(pilot, grid, 3, "down", "math")
+            await pilot.press("e")
+            assert isinstance(app.screen, EditScreen)
+            form = {i.id: i.value for i in app.screen.query("Input")}
+            assert form["layers"] == "1-3" and form["components"] == "gate,up,down" and form["models"] == "math"
+            await pilot.press("0", ".", "5", "2", "enter")  # no factory density is 0.52
+            assert isinstance(app.screen, GridScreen)
+            ed = app.editor
+            edited = [(f"model.layers.{layer}.mlp.{c}_proj.weight", "math")
+                      for layer in (1, 2, 3) for c in ("gate", "up", "down")]
+            assert all(ed.get(t, m, "density") == 0.52 for t, m in edited)
+            assert ed.get("model.layers.1.mlp.up_proj.weight", "code", "density") != 0.52
+            assert ed.get("model.layers.4.mlp.up_proj.weight", "math", "density") != 0.52
+            row, col = cursor_at(grid, 2, "up", "math")
+            assert grid._cells[row][col][0] == "0.52*"  # the edited marker
+            assert "unsaved" in app.sub_title
+            await pilot.press("u")
+            assert all(ed.get(t, m, "density") == before.tensor(t).contribution(m).density for t, m in edited)
+            assert not app.pending_count and grid._cells[row][col][0].endswith(" ")
+            await pilot.press("r")
+            assert all(ed.get(t, m, "density") == 0.52 for t, m in edited)
+            await pilot.press("s")
+            assert not app.pending_count and "unsaved" not in app.sub_title
+            return edited
+
+    edited = run(go())
+    back = read_plan(path)
+    for t, m in edited:
+        c = back.tensor(t).contribution(m)
+        assert c.density == 0.52 and c.mask["digest"] is None and c.source["density"] == "edit"
+        assert c.mask["kind"] == before.tensor(t).contribution(m).mask["kind"]
+    untouched = back.tensor("model.layers.1.mlp.up_proj.weight").contribution("code")
+    assert untouched.mask == before.tensor("model.layers.1.mlp.up_proj.weight").contribution("code").mask
+    assert len(back.edit_log) == 2  # the earlier entry plus this save
+    entry = back.edit_log[-1]
+    assert entry["tool"] == "review" and entry["time"]
+    logged = {(c[0], c[1], c[2]): (c[3], c[4]) for c in entry["changes"]}
+    assert set(logged) == {(t, m, "density") for t, m in edited}
+    t0, m0 = edited[0]
+    assert logged[(t0, m0, "density")] == (before.tensor(t0).contribution(m0).density, 0.52)
+
+
+def test_scale_weights_of_attention_for_one_model(tmp_path):
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.open_edit(app.screen.selection_prefill())
+            await pilot.pause()
+            s = app.screen
+            s.query_one("#field").value = "weight"
+            s.query_one("#action").value = "scale"
+            s.query_one("#layers").value = "0-1"
+            s.query_one("#components").value = "attn"
+            s.query_one("#models").value = "code"
+            s.query_one("#value").value = "1.25"
+            await pilot.pause()
+            assert "8 values: 8 tensors x 1 model;" in str(s.query_one("#edit-preview").render())
+            await pilot.click("#apply")
+            await pilot.pause()
+            return app.editor
+
+    ed = run(go())
+    for layer in range(6):
+        for c in ("q", "k", "v", "o", "gate"):
+            name = f"model.layers.{layer}.{'mlp' if c == 'gate' else 'self_attn'}.{c}_{'proj'}.weight"
+            want = 1.25 if (layer <= 1 and c != "gate") else 1.0
+            assert ed.get(name, "code", "weight") == want
+            assert ed.get(name, "math", "weight") == 1.0
+
+
+def test_invalid_values_are_refused_inline(tmp_path):
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e", "1", ".", "5")
+            s = app.screen
+            assert "density must be in (0, 1], got 1.5" in str(s.query_one("#edit-error").render())
+            assert s.query_one("#apply").disabled
+            await pilot.press("enter")
+            assert isinstance(app.screen, EditScreen)  # still open, nothing applied
+            # scaling a density past 1 is refused too, naming where
+            s.query_one("#action").value = "scale"
+            s.query_one("#value").value = "3"
+            await pilot.pause()
+            assert "density must be in (0, 1]" in str(s.query_one("#edit-error").render())
+            s.query_one("#layers").value = "99"
+            await pilot.pause()
+            assert "past the last layer (5)" in str(s.query_one("#edit-error").render())
+            await pilot.press("escape")
+            assert isinstance(app.screen, GridScreen)
+            assert not app.editor.dirty
+
+    run(go())
+
+
+def test_quit_asks_before_losing_edits(tmp_path):
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e", "0", ".", "9", "enter")
+            assert app.pending_count == 1
+            await pilot.press("q")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+            assert isinstance(app.screen, GridScreen) and app.is_running
+            await pilot.press("q")
+            await pilot.press("y")
+            await pilot.pause()
+            assert not app.is_running
+        return app.return_code
+
+    assert run(go()) == 0
+    assert read_plan(path).tensor("model.layers.0.self_attn.q_proj.weight").contribution("math").density != 0.9
+
+    async def clean():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("q")  # nothing to lose: quits at once
+            await pilot.pause()
+            assert not app.is_running
+
+    run(clean())
+
+
+def test_save_as_new_file_keeps_the_original(tmp_path):
+    path = write(tmp_path)
+    original = path.read_bytes()
+    other = tmp_path / "edited.plan"
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e", "0", ".", "7", "enter", "S")
+            assert isinstance(app.screen, PathScreen)
+            app.screen.query_one("Input").value = str(other)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.editor.path == str(other) and not app.pending_count
+
+    run(go())
+    assert path.read_bytes() == original
+    saved = read_plan(other)
+    assert saved.tensor("model.layers.0.self_attn.q_proj.weight").contribution("math").density == 0.7
+    assert len(saved.edit_log) == 2
+
+
+def test_diff_against_loaded_and_other_plan(tmp_path):
+    other_plan = review_plan()
+    other_plan.tensor("model.layers.5.mlp.down_proj.weight").contributions[1].weight = 0.5
+    other = write(tmp_path, other_plan, "other.plan")
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), compare=str(other), model_checker=fixed_status)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("d")
+            assert isinstance(app.screen, DiffScreen)
+            table = app.screen.query_one("#diff-table")
+            rows = [table.get_row_at(i) for i in range(table.row_count)]
+            assert ["L5 mlp.down_proj.weight", "code", "weight", "0.5", "1"] in [[str(x) for x in r] for r in rows]
+            await pilot.press("t")  # vs the plan as loaded: nothing yet
+            assert table.row_count == 0
+            await pilot.press("g", "e", "0", ".", "4", "enter", "d")
+            fields = sorted(str(table.get_row_at(i)[2]) for i in range(table.row_count))
+            assert fields == ["density", "mask.digest"]  # the edit and the dropped digest
+
+    run(go())
+
+
+def test_quantity_switch_and_model_filter(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            assert grid.quantity.key == "density"
+            await pilot.press("v")
+            assert grid.quantity.key == "weight" and grid.at(*grid.cursor)[1:] == ("q", "math")
+            await pilot.press("v", "v")
+            assert grid.quantity.key == "omega" and {m for _, m in grid.col_keys} == {None}
+            await pilot.press("V", "V", "V", "m")
+            assert grid.quantity.key == "density" and {m for _, m in grid.col_keys} == {"math"}
+            await pilot.press("m")
+            assert {m for _, m in grid.col_keys} == {"code"}
+
+    run(go())
+
+
+def test_help_lists_every_binding(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            text = plain(app.screen._render_keys())
+            for b in [*type(app).BINDINGS, *GridScreen.BINDINGS, *DetailScreen.BINDINGS, *DiffScreen.BINDINGS]:
+                assert b.description in text
+            await pilot.press("escape")
+            assert isinstance(app.screen, GridScreen)
+
+    run(go())
+
+
+def test_overview_shows_model_status_from_the_worker(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("o")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            text = plain(render_overview(app), width=200)
+            assert "changed: shard model-00001" in text and "missing (no directory" in text
+            assert "sha256:" in text and "lewis.gamma" in text and "2026-01-02T03:04:05" in text
+
+    run(go())
+
+
+def test_real_checker_reports_missing_model_dirs(tmp_path):
+    plan = review_plan()
+    check = make_checker(plan, str(tmp_path / "merge.plan"))
+    assert check(plan.models[1]).startswith(("missing", "not checked"))
+
+
+def test_corrupt_and_newer_plans_raise_plan_format_error(tmp_path):
+    bad = tmp_path / "bad.plan"
+    bad.write_bytes(b"\x93not a plan")
+    with pytest.raises(PlanFormatError, match="not a mergeplan plan"):
+        make_app(str(bad))
+    newer = tmp_path / "newer.plan"
+    newer.write_bytes(msgpack.packb(["mergeplan", 99, b"", "sha256:00"], use_bin_type=True))
+    with pytest.raises(PlanFormatError, match="newer mergeplan"):
+        make_app(str(newer))
+    with pytest.raises(PlanFormatError, match="newer mergeplan"):
+        run_review(str(newer))
+    good = write(tmp_path)
+    with pytest.raises(PlanFormatError, match="not found"):
+        make_app(str(good), compare=str(tmp_path / "absent.plan"))
