@@ -13,6 +13,7 @@ import torch
 
 from .errors import InputMismatchError, MergeplanError
 from .methods.masks import MaskResult, build_masks, mask_digest, unpack_bits
+from .methods.masks import _finish as attach_rescale  # same rescale rule as recomputed masks
 from .methods.registry import merge_tensor
 from .plan.model import OP_COPY, Plan, TensorPlan
 
@@ -43,10 +44,10 @@ def compute_masks(plan: Plan, tp: TensorPlan, deltas: list[torch.Tensor]) -> lis
     recipe_specs = [None if (s is None or "bits" in s) else {k: v for k, v in s.items() if k != "digest"} for s in specs]
     results = build_masks(recipe_specs, deltas, keys, _group(tp)) if any(recipe_specs) else [None] * len(specs)
     out: list[MaskResult | None] = []
-    for spec, res, d in zip(specs, results, deltas):
+    for spec, res, d, key in zip(specs, results, deltas, keys):
         if spec is not None and "bits" in spec:
             mask = unpack_bits(spec["bits"], tuple(d.shape)).to(d.device)
-            res = MaskResult(mask=mask, scale=None)
+            res = attach_rescale(mask, spec, d, key)
         out.append(res)
     return out
 

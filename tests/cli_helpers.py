@@ -1,0 +1,45 @@
+"""Run the CLI in-process the way a user does: argv in, exit code and output out."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mergeplan.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["mergeplan", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Bad input: non-zero exit, exactly one 'error:' line, no traceback, and the line names the problem."""
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+needs_family = pytest.mark.usefixtures("tiny_family")
