@@ -120,12 +120,11 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
     rows = layer_summary(plan)
     ids = [m.id for m in plan.task_models]
     # One small table per quantity keeps any number of models readable at 80 columns.
-    for qty, title in (("density", "density (keep fraction)"), ("weight", "weight (coefficient)"),
-                       ("kept", "kept fraction of the computed masks")):
+    for qty, title in (("density", "density"), ("weight", "weight"), ("kept", "kept")):
         cols = [i for i in ids if any(f"{qty}:{i}" in r for r in rows)]
         if not cols:
             continue
-        t = Table(title=f"{title}, mean per layer", title_justify="left")
+        t = Table(title=f"{title} per layer", title_justify="left")
         t.add_column("layer", justify="right")
         for i in cols:
             t.add_column(i, justify="right")
@@ -134,7 +133,7 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
         console.print(t)
     extra = [c for c in ("lambda", "aim_factor", "overlap") if any(c in r for r in rows)]
     if extra:
-        t = Table(title="per tensor group, mean per layer", title_justify="left")
+        t = Table(title="tensor params per layer", title_justify="left")
         t.add_column("layer", justify="right")
         for c in extra:
             t.add_column({"aim_factor": "AIM factor", "overlap": "mask overlap"}.get(c, c), justify="right")
@@ -160,7 +159,7 @@ def _print_sens(console: Console, plan: Plan) -> None:
     if not sens or "sigma" not in sens:
         return
     groups = list(sens.get("groups", []))
-    t = Table(title="Sens-Merging coefficients K*sigma per layer group", title_justify="left")
+    t = Table(title="Sens K*sigma", title_justify="left")
     t.add_column("group")
     models = list(sens["sigma"])
     k = len(models)

@@ -78,3 +78,22 @@ def test_missing_and_non_plan_files(tmp_path):
     (tmp_path / "r.yaml").write_text("merge_method: ties\n")
     with pytest.raises(PlanFormatError, match="not a mergeplan plan"):
         read_plan(tmp_path / "r.yaml")
+
+
+def test_7b_class_three_model_plan_stays_small():
+    """Llama-2-7B shapes, 3 task models with magnitude masks and AIM scores: well under 20 MB."""
+    from mergeplan.plan import Contribution, ModelRef, Plan, TensorPlan, float32_array
+
+    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+              "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+    models = [ModelRef("base", "base", "b")] + [ModelRef(f"m{i}", "task", f"m{i}") for i in range(3)]
+    tensors = []
+    for layer in range(32):
+        for comp, shape in shapes.items():
+            contribs = [Contribution(f"m{i}", 1.0, {"kind": "magnitude", "density": 0.5, "digest": "0" * 32})
+                        for i in range(3)]
+            relax = {"kind": "aim", "omega": 0.4, "axis": 1, "scores": float32_array(np.ones(shape[1]))}
+            tensors.append(TensorPlan(f"model.layers.{layer}.mlp.{comp}.weight", shape, "bfloat16",
+                                      contributions=contribs, relax=relax))
+    size = len(encode_plan(Plan("ties", models, tensors)))
+    assert size < 20_000_000
