@@ -329,8 +329,9 @@ def test_help_lists_every_binding(tmp_path):
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
             text = plain(app.screen._render_keys())
-            for b in [*type(app).BINDINGS, *GridScreen.BINDINGS, *DetailScreen.BINDINGS, *DiffScreen.BINDINGS]:
-                assert b.description in text
+            for b in [*type(app).BINDINGS, *GridScreen.BINDINGS, *PlanGrid.BINDINGS, *DetailScreen.BINDINGS,
+                      *DiffScreen.BINDINGS, *EditScreen.BINDINGS]:
+                assert b.tooltip in text
             await pilot.press("escape")
             assert isinstance(app.screen, GridScreen)
 

@@ -68,10 +68,10 @@ def test_stat_quantities_and_layer_series():
     assert stat.per_model and stat.field is None
     series = gm.series(_q(gm, "density"), "math")
     assert len(series) == 4
-    # layer 2: mean over every component that has a density (7 linear + input norm at 1.0)
-    vals = [plan.tensor(n).contribution("math").density for n in
-            [t.name for t in plan.tensors if ".layers.2." in t.name]]
-    assert series[2] == pytest.approx(sum(vals) / len(vals))
+    # layer 2: mean over the 7 masked projections; the dense input norm (1.0) is no decision
+    vals = [t.contribution("math").mask["density"] for t in plan.tensors
+            if ".layers.2." in t.name and t.contribution("math").mask]
+    assert len(vals) == 7 and series[2] == pytest.approx(sum(vals) / len(vals))
 
 
 def test_aim_factors_from_scores_or_precomputed():

@@ -25,6 +25,7 @@ from .screens.edit import EditRequest, EditScreen, Prefill
 from .screens.grid import GridScreen
 from .screens.help import HelpScreen
 from .screens.overview import OverviewScreen
+from .widgets.plangrid import PlanGrid
 
 # Actions that make no sense while a dialog is open (its own keys take precedence).
 _APP_ACTIONS = {"switch_mode", "undo", "redo", "save", "save_as", "help", "quit"}
@@ -38,15 +39,16 @@ class ReviewApp(App[int]):
     # Its footer entry costs 80x24 space the review's own keys need; ? lists every key.
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
-        Binding("question_mark,f1", "help", "Help"),
-        Binding("g", "switch_mode('grid')", "Grid", show=False),
-        Binding("o", "switch_mode('overview')", "Overview"),
-        Binding("d", "switch_mode('diff')", "Diff"),
-        Binding("u,ctrl+z", "undo", "Undo"),
-        Binding("r,ctrl+y", "redo", "Redo", show=False),
-        Binding("s,ctrl+s", "save", "Save"),
-        Binding("S,shift+s", "save_as", "Save as", show=False),
-        Binding("q", "quit", "Quit"),
+        Binding("question_mark,f1", "help", "Help", tooltip="this list of keys"),
+        Binding("g", "switch_mode('grid')", "Grid", show=False, tooltip="layer grid (heatmap of the plan's values)"),
+        Binding("o", "switch_mode('overview')", "Overview",
+                tooltip="models and their status here, method, guides, calibration, digest, edit history"),
+        Binding("d", "switch_mode('diff')", "Diff", tooltip="differences from the plan as loaded, or another plan"),
+        Binding("u,ctrl+z", "undo", "Undo", tooltip="undo the last edit"),
+        Binding("r,ctrl+y", "redo", "Redo", show=False, tooltip="redo what undo took back"),
+        Binding("s,ctrl+s", "save", "Save", tooltip="write the plan in place (atomically), logging the edits"),
+        Binding("S,shift+s", "save_as", "Save as", show=False, tooltip="write the edited plan to another file"),
+        Binding("q", "quit", "Quit", tooltip="quit; asks first when edits are unsaved"),
     ]
 
     # Bumped after every change to the plan (edit, undo, redo, save); screens watch it.
@@ -155,6 +157,7 @@ class ReviewApp(App[int]):
         self.push_screen(HelpScreen([
             ("Everywhere", ReviewApp.BINDINGS),
             ("Layer grid", GridScreen.BINDINGS),
+            ("Grid cursor", PlanGrid.BINDINGS),
             ("Tensor detail", DetailScreen.BINDINGS),
             ("Diff", DiffScreen.BINDINGS),
             ("Edit dialog", EditScreen.BINDINGS),

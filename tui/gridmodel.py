@@ -147,6 +147,15 @@ class GridModel:
             return float(v) if _is_number(v) else None
         raise KeyError(q.key)
 
+    def on_scale(self, tensor: str, q: Quantity, model: str | None) -> bool:
+        """Whether a cell's value takes part in the heatmap's colour scale. A dense
+        contribution's density (norms, lm_head: 1.0 by definition) is not a decision, and
+        would squeeze the planned densities into the bottom of the scale."""
+        if q.key == "density":
+            c = self.plan.tensor(tensor).contribution(model) if model else None
+            return c is not None and c.mask is not None
+        return True
+
     def _mean_factor(self, t: TensorPlan) -> float | None:
         # mean(1 - s*(1-omega)) = 1 - mean(s)*(1-omega): cache mean(s), which edits never change,
         # so switching to this view on a 70B plan does not re-read megabytes of scores.
@@ -178,7 +187,8 @@ class GridModel:
         return out
 
     def series(self, q: Quantity, model: str | None) -> list[float]:
-        """Per decoder layer, the mean over components of the quantity (nan where none)."""
+        """Per decoder layer, the mean over components of the quantity (nan where none);
+        values off the colour scale (dense densities) do not count."""
         out = []
         for layer in self.layers:
             vals = []
@@ -186,7 +196,7 @@ class GridModel:
                 name = self.tensor_at(layer, comp)
                 if name is not None:
                     v = self.value(name, q, model)
-                    if v is not None and math.isfinite(v):
+                    if v is not None and math.isfinite(v) and self.on_scale(name, q, model):
                         vals.append(v)
             out.append(sum(vals) / len(vals) if vals else math.nan)
         return out

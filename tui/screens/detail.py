@@ -17,6 +17,7 @@ from textual.widgets import Footer, Header, Static
 from mergeplan.plan.model import OP_MERGE
 from mergeplan.plan.names import parse_name
 
+from ..richtext import add_row, section
 from ..tensorinfo import aim_summary, flatten_stats, fmt_num, layer_stats, mask_info, overlaps, per_model_stats, summarize
 from .edit import Prefill
 
@@ -26,11 +27,10 @@ if TYPE_CHECKING:
 
 class DetailScreen(Screen):
     BINDINGS = [
-        Binding("escape", "back", "Back"),
-        Binding("backspace", "back", "Back", show=False),
-        Binding("left_square_bracket", "step(-1)", "Prev", key_display="["),
-        Binding("right_square_bracket", "step(1)", "Next", key_display="]"),
-        Binding("e", "edit", "Edit"),
+        Binding("escape,backspace", "back", "Back", tooltip="back to the grid"),
+        Binding("left_square_bracket", "step(-1)", "Prev", key_display="[", tooltip="previous tensor in plan order"),
+        Binding("right_square_bracket", "step(1)", "Next", key_display="]", tooltip="next tensor in plan order"),
+        Binding("e", "edit", "Edit", tooltip="edit this tensor"),
     ]
 
     tensor: reactive[str] = reactive("", init=False)
@@ -100,7 +100,7 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
         # One column per model, one row per fact: fits 80 columns with three or four models.
         cs = t.contributions
         infos = {c.model: mask_info(t, c) for c in cs}
-        tab = Table(title="Per model", title_justify="left", title_style="bold", box=None, padding=(0, 1),
+        tab = Table(box=None, padding=(0, 1),
                     header_style="bold")
         tab.add_column("", style="cyan", no_wrap=True)
         for c in cs:
@@ -112,13 +112,13 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
                 out.append(f" (was {fmt_num(planned)})", style="bold yellow")
             return out
 
-        tab.add_row("weight", *(changed(c.weight, editor.planned(name, c.model, "weight")) for c in cs))
-        tab.add_row("density", *(changed(c.density, editor.planned(name, c.model, "density")) for c in cs))
-        tab.add_row("mask", *(infos[c.model].kind + (f" {infos[c.model].params}" if infos[c.model].params else "")
+        add_row(tab, "weight", *(changed(c.weight, editor.planned(name, c.model, "weight")) for c in cs))
+        add_row(tab, "density", *(changed(c.density, editor.planned(name, c.model, "density")) for c in cs))
+        add_row(tab, "mask", *(infos[c.model].kind + (f" {infos[c.model].params}" if infos[c.model].params else "")
                               for c in cs))
-        tab.add_row("mask digest", *(Text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
+        add_row(tab, "mask digest", *(Text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
                                           else "") for c in cs))
-        tab.add_row("kept", *(fmt_num(infos[c.model].kept, 3) + ("" if infos[c.model].exact else " (nominal)")
+        add_row(tab, "kept", *(fmt_num(infos[c.model].kept, 3) + ("" if infos[c.model].exact else " (nominal)")
                               for c in cs))
         ov = overlaps(t)
         approx = False
@@ -131,12 +131,12 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
                 v, exact = ov[(c.model, other.model)]
                 approx |= not exact
                 cells.append(("" if exact else "≈") + f"{v:.3f}")
-            tab.add_row(f"overlap {other.model}", *cells)
+            add_row(tab, f"overlap {other.model}", *cells)
         for key in sorted({k for c in cs for k in c.source}):
-            tab.add_row(f"{key} set by", *(c.source.get(key, "—") for c in cs))
+            add_row(tab, f"{key} set by", *(c.source.get(key, "—") for c in cs))
         for key, per in per_model_stats(t, models).items():
-            tab.add_row(key, *(summarize(per[c.model]) if c.model in per else "—" for c in cs))
-        parts.append(tab)
+            add_row(tab, key, *(summarize(per[c.model]) if c.model in per else "—" for c in cs))
+        parts.append(section("Per model", tab))
         if any(i.recompute for i in infos.values()):
             parts.append(Text("Edited density: the planner's mask digest is dropped; apply recomputes the mask "
                               "from its recipe (kind, seed, density) without a digest check.", style="yellow"))
@@ -164,22 +164,22 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
 
     other = {k: v for k, v in t.stats.items() if k not in per_model_stats(t, models)}
     if other:
-        stab = Table(title="Tensor statistics", title_justify="left", box=None, padding=(0, 1), header_style="bold")
+        stab = Table(box=None, padding=(0, 1), header_style="bold")
         stab.add_column("statistic")
         stab.add_column("value")
         for k, v in flatten_stats(other):
-            stab.add_row(k, v)
-        parts.append(stab)
+            add_row(stab, k, v)
+        parts.append(section("Tensor statistics", stab))
 
     lrows = layer_stats(plan, name, len(app.grid_model.layers) and max(app.grid_model.layers) + 1)
     if lrows:
-        ltab = Table(title=f"Guide statistics for {where}", title_justify="left", box=None, padding=(0, 1),
+        ltab = Table(box=None, padding=(0, 1),
                      header_style="bold")
         ltab.add_column("statistic")
         ltab.add_column("value")
         for k, v in lrows:
-            ltab.add_row(k, v)
-        parts.append(ltab)
+            add_row(ltab, k, v)
+        parts.append(section(f"Guide statistics for {where}", ltab))
     elif not t.stats and aim is None:
         parts.append(Text("No guide statistics recorded for this tensor.", style="dim"))
     return Group(*parts)

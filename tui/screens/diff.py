@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from rich.markup import escape
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -26,8 +28,8 @@ LOADED, OTHER = "loaded", "other"
 
 class DiffScreen(Screen):
     BINDINGS = [
-        Binding("t", "toggle", "Loaded/other"),
-        Binding("c", "compare", "Compare file"),
+        Binding("t", "toggle", "Loaded/other", tooltip="switch between the plan as loaded and the other plan"),
+        Binding("c", "compare", "Compare file", tooltip="choose another plan file to compare with"),
     ]
 
     against: reactive[str] = reactive(LOADED, init=False)
@@ -61,20 +63,16 @@ class DiffScreen(Screen):
     def refresh_rows(self) -> None:
         app = self.review
         if self.against == OTHER and app.compare_plan is not None:
-            base, label = app.compare_plan, f"vs {app.compare_path}"
+            base, label = app.compare_plan, escape(app.compare_path)
         else:
-            base, label = app.editor.loaded, "vs the plan as loaded" + (" (saved)" if app.saved_once else "")
+            base, label = app.editor.loaded, "as last saved" if app.saved_once else "as loaded"
         rows = diff_plans(base, app.editor.plan)
         table = self.query_one(DataTable)
         table.clear()
         for i, r in enumerate(rows):
-            table.add_row(_short_name(r.where), r.model or "", r.field, _cell(r.old), _cell(r.new), key=str(i))
-        other = "t: vs loaded" if self.against == OTHER else ("t: vs " + app.compare_path if app.compare_plan else
-                                                              "c: compare with a plan file")
-        self.query_one("#diff-bar", Static).update(
-            f"[b]{len(rows)} differences[/b] {label}   [dim]old = {'that file' if self.against == OTHER and app.compare_plan else 'as loaded'}, "
-            f"new = this plan · {other}[/dim]"
-        )
+            table.add_row(*(Text(x) for x in (_short_name(r.where), r.model or "", r.field, _cell(r.old), _cell(r.new))),
+                          key=str(i))
+        self.query_one("#diff-bar", Static).update(f"[b]{len(rows)} differences[/b]: {label} (old) -> this plan (new)")
 
     def action_toggle(self) -> None:
         if self.review.compare_plan is None:

@@ -118,8 +118,8 @@ def _span(values: list[float]) -> str:
 
 class EditScreen(ModalScreen["EditRequest | None"]):
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel"),
-        Binding("ctrl+s", "apply", "Apply", show=False),
+        Binding("escape", "cancel", "Cancel", tooltip="close without changing anything"),
+        Binding("ctrl+s", "apply", "Apply", show=False, tooltip="apply (as Enter in any field)"),
     ]
 
     def __init__(self, editor: PlanEditor, gm: GridModel, fields: list[str], prefill: Prefill):

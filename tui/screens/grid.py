@@ -25,12 +25,13 @@ if TYPE_CHECKING:
 
 class GridScreen(Screen):
     BINDINGS = [
-        Binding("e", "edit", "Edit"),
-        Binding("space", "mark", "Mark"),
-        Binding("escape", "clear_mark", "Unmark", show=False),
-        Binding("v", "quantity(1)", "Show"),
-        Binding("V", "quantity(-1)", "Prev quantity", show=False),
-        Binding("m", "models", "Models"),
+        Binding("e", "edit", "Edit", tooltip="set / scale / reset the marked cells (or the cursor cell)"),
+        Binding("space", "mark", "Mark", tooltip="start (or drop) a marked box; it runs to the cursor"),
+        Binding("escape", "clear_mark", "Unmark", show=False, tooltip="drop the marked box"),
+        Binding("v", "quantity(1)", "Show",
+                tooltip="next shown quantity: density, weight, lambda, AIM omega, mean AIM factor, statistics"),
+        Binding("V", "quantity(-1)", "Prev quantity", show=False, tooltip="previous shown quantity"),
+        Binding("m", "models", "Models", tooltip="all task models side by side, or one at a time"),
     ]
 
     quantity_index: reactive[int] = reactive(0, init=False)

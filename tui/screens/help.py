@@ -11,11 +11,12 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
+from ..richtext import add_row, section
+
 # Keys handled by Textual widgets themselves, which the screens' BINDINGS do not list.
 _NAVIGATION = [
-    ("arrows / h j k l", "move the cursor (grid, tables)"),
-    ("PgUp / PgDn, Home / End", "page / jump"),
-    ("Enter or click", "open the tensor under the cursor (grid)"),
+    ("arrows, PgUp/PgDn", "move in tables and scroll views"),
+    ("click", "move the grid cursor; a second click (or double click) opens the tensor"),
     ("Tab / Shift+Tab", "next / previous field (edit and dialogs)"),
     ("mouse wheel", "scroll"),
 ]
@@ -45,9 +46,9 @@ class HelpScreen(ModalScreen[None]):
     def _render_keys(self) -> Group:
         parts = []
         for title, bindings in self.sections:
-            tab = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None,
+            tab = Table(show_header=False, box=None,
                         padding=(0, 1))
-            tab.add_column(style="cyan", no_wrap=True, min_width=10)
+            tab.add_column(style="cyan", no_wrap=True, min_width=14)
             tab.add_column()
             singles = list(Binding.make_bindings(bindings))  # "u,ctrl+z" -> one binding per key
             seen = set()
@@ -56,15 +57,15 @@ class HelpScreen(ModalScreen[None]):
                     continue
                 seen.add(b.action)
                 keys = " ".join(dict.fromkeys(self.app.get_key_display(x) for x in singles if x.action == b.action))
-                tab.add_row(keys, b.description or b.action)
-            parts.append(tab)
-        nav = Table(title="Navigation", title_justify="left", title_style="bold", show_header=False, box=None,
+                add_row(tab, keys, b.tooltip or b.description or b.action)
+            parts.append(section(title, tab))
+        nav = Table(show_header=False, box=None,
                     padding=(0, 1))
-        nav.add_column(style="cyan", no_wrap=True, min_width=10)
+        nav.add_column(style="cyan", no_wrap=True, min_width=14)
         nav.add_column()
         for k, d in _NAVIGATION:
-            nav.add_row(k, d)
-        parts.append(nav)
+            add_row(nav, k, d)
+        parts.append(section("Navigation", nav))
         parts.append(Text("Cells marked * differ from the plan as loaded; underlined cells are marked for editing.",
                           style="dim"))
         return Group(*parts)

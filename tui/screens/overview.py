@@ -14,6 +14,7 @@ from textual.widgets import Footer, Header, Static
 
 from mergeplan.plan.model import OP_MERGE
 
+from ..richtext import add_row, section
 from ..tensorinfo import flatten_stats, summarize
 
 if TYPE_CHECKING:
@@ -43,13 +44,13 @@ class OverviewScreen(Screen):
         self.query_one("#overview-body", Static).update(render_overview(self.review))
 
 
-def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    tab = Table(title=title, title_justify="left", title_style="bold", box=None, padding=(0, 1), show_header=False)
+def _kv_table(title: str, rows: list[tuple[str, str]]) -> Group:
+    tab = Table(box=None, padding=(0, 1), show_header=False)
     tab.add_column(style="cyan", no_wrap=True)
     tab.add_column()
     for k, v in rows:
-        tab.add_row(k, v)
-    return tab
+        add_row(tab, k, v)
+    return section(title, tab)
 
 
 def render_overview(app: "ReviewApp") -> Group:
@@ -71,14 +72,14 @@ def render_overview(app: "ReviewApp") -> Group:
         rows.append(("recipe", str(plan.recipe["path"])))
     parts: list = [_kv_table("Plan", rows)]
 
-    mtab = Table(title="Models", title_justify="left", title_style="bold", box=None, padding=(0, 1),
+    mtab = Table(box=None, padding=(0, 1),
                  header_style="bold")
     for col in ("id", "role", "path", "on this machine"):
         mtab.add_column(col, no_wrap=col != "on this machine")
     for m in plan.models:
         status = app.model_status.get(m.id, "checking...")
-        mtab.add_row(m.id, m.role, m.path, Text(status, style=_STATUS_STYLE.get(status.split(" ")[0].rstrip(":"), "")))
-    parts.append(mtab)
+        add_row(mtab, m.id, m.role, m.path, Text(status, style=_STATUS_STYLE.get(status.split(" ")[0].rstrip(":"), "")))
+    parts.append(section("Models", mtab))
 
     if plan.guides:
         parts.append(_kv_table("Guides", flatten_stats(plan.guides)))
@@ -92,19 +93,19 @@ def render_overview(app: "ReviewApp") -> Group:
         parts.append(_kv_table("Notes", [("-", n) for n in plan.notes]))
 
     pending = app.pending_count
-    htab = Table(title="Edit history", title_justify="left", title_style="bold", box=None, padding=(0, 1),
+    htab = Table(box=None, padding=(0, 1),
                  header_style="bold")
     for col in ("when", "tool", "changes"):
         htab.add_column(col, no_wrap=col != "changes")
     for entry in plan.edit_log:
         changes = entry.get("changes", [])
         first = ", ".join(_change_text(c) for c in changes[:2]) + (f" +{len(changes) - 2} more" if len(changes) > 2 else "")
-        htab.add_row(str(entry.get("time", "?")), str(entry.get("tool", "?")), f"{len(changes)}: {first}")
+        add_row(htab, str(entry.get("time", "?")), str(entry.get("tool", "?")), f"{len(changes)}: {first}")
     if pending:
-        htab.add_row("now", "review", Text(f"{pending} unsaved (s saves, d shows them)", style="bold yellow"))
+        add_row(htab, "now", "review", Text(f"{pending} unsaved (s saves, d shows them)", style="bold yellow"))
     if not plan.edit_log and not pending:
-        htab.add_row("—", "", "no edits since planning")
-    parts.append(htab)
+        add_row(htab, "—", "", "no edits since planning")
+    parts.append(section("Edit history", htab))
     return Group(*parts)
 
 

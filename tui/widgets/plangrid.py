@@ -37,17 +37,17 @@ class PlanGrid(ScrollView, can_focus=True):
     the marked selection are underlined."""
 
     BINDINGS = [
-        Binding("up,k", "move(-1, 0)", "Up", show=False),
-        Binding("down,j", "move(1, 0)", "Down", show=False),
-        Binding("left,h", "move(0, -1)", "Left", show=False),
-        Binding("right,l", "move(0, 1)", "Right", show=False),
-        Binding("pageup", "page(-1)", "Page up", show=False),
-        Binding("pagedown", "page(1)", "Page down", show=False),
-        Binding("home", "jump('top')", "First row", show=False),
-        Binding("end", "jump('bottom')", "Last row", show=False),
-        Binding("ctrl+left,shift+home", "jump('left')", "First column", show=False),
-        Binding("ctrl+right,shift+end", "jump('right')", "Last column", show=False),
-        Binding("enter", "choose", "Detail", show=False),
+        Binding("up,k", "move(-1, 0)", "Up", show=False, tooltip="previous layer"),
+        Binding("down,j", "move(1, 0)", "Down", show=False, tooltip="next layer"),
+        Binding("left,h", "move(0, -1)", "Left", show=False, tooltip="previous column"),
+        Binding("right,l", "move(0, 1)", "Right", show=False, tooltip="next column"),
+        Binding("pageup", "page(-1)", "Page up", show=False, tooltip="a screenful of layers up"),
+        Binding("pagedown", "page(1)", "Page down", show=False, tooltip="a screenful of layers down"),
+        Binding("home", "jump('top')", "First row", show=False, tooltip="first row"),
+        Binding("end", "jump('bottom')", "Last row", show=False, tooltip="last row"),
+        Binding("ctrl+left,shift+home", "jump('left')", "First column", show=False, tooltip="first column"),
+        Binding("ctrl+right,shift+end", "jump('right')", "Last column", show=False, tooltip="last column"),
+        Binding("enter", "choose", "Detail", show=False, tooltip="open the tensor under the cursor"),
     ]
 
     COMPONENT_CLASSES = {"plangrid--header", "plangrid--label", "plangrid--cursor", "plangrid--empty"}
@@ -82,6 +82,7 @@ class PlanGrid(ScrollView, can_focus=True):
         self._selected: set[tuple[int, int]] = set()
         # Per row, per column: (text, style without cursor/selection decoration).
         self._cells: list[list[tuple[str, Style]]] = []
+        self._off_scale: set[tuple[RowKey, str, str | None]] = set()  # shown, but not coloured
         self._header: tuple[list[str], list[str]] = ([], [])
 
     # -- content --------------------------------------------------------------------------
@@ -91,7 +92,9 @@ class PlanGrid(ScrollView, can_focus=True):
         self.quantity = q
         self.col_keys = self.gm.columns(q, models)
         values = self.gm.values(q, models)
-        self.value_range = value_range(values.values())
+        self._off_scale = {key for key, v in values.items() if v is not None and
+                           not self.gm.on_scale(self.gm.tensor_at(key[0], key[1]), q, key[2])}
+        self.value_range = value_range(v for key, v in values.items() if key not in self._off_scale)
         empty = self.get_component_rich_style("plangrid--empty", partial=True)
         self._cells = [
             [self._cell(r, comp, m, values[(r, comp, m)], empty) for comp, m in self.col_keys] for r in self.gm.rows
@@ -125,7 +128,7 @@ class PlanGrid(ScrollView, can_focus=True):
         if name is not None and field is not None and v is not None:
             m = model if q.per_model else None
             edited = self.editor.get(name, m, field) != self.editor.planned(name, m, field)
-        colours = heat(v, *self.value_range)
+        colours = None if (row, comp, model) in self._off_scale else heat(v, *self.value_range)
         style = Style(bgcolor=colours[0], color=colours[1]) if colours else empty
         return fmt_cell(v) + ("*" if edited else " "), style
 
