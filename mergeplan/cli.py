@@ -26,7 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)
+# Piped output (files, grep, CI logs) gets room for whole tensor names.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _version(value: bool) -> None:

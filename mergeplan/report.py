@@ -170,13 +170,24 @@ def _print_sens(console: Console, plan: Plan) -> None:
     console.print(t)
 
 
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
+        return v[:12]  # a mask digest: the prefix is enough to tell them apart
+    return _fmt(v)
+
+
 def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | str) -> None:
     if not rows:
         console.print(f"{a} and {b}: no differences")
         return
-    t = Table(title=f"{a} -> {b}: {len(rows)} difference(s)", title_justify="left")
-    for col in ("where", "model", "field", "old", "new"):
-        t.add_column(col)
+    console.print(f"{a} -> {b}: {len(rows)} difference(s)")
+    t = Table()
+    # Tensor names stay whole (a truncated name is useless in a diff); values fold.
+    t.add_column("where", no_wrap=True)
+    for col in ("model", "field", "old", "new"):
+        t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(r.where, r.model or "", r.field, _fmt(r.old), _fmt(r.new))
+        t.add_row(r.where, r.model or "", r.field, _cell(r.old), _cell(r.new))
     console.print(t)
