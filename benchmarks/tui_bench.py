@@ -152,9 +152,9 @@ def main() -> None:
         del plan
         t = time.perf_counter()
         read_plan(path)
-        print(f"{'read_plan alone':42s} {time.perf_counter() - t:8.3f} s")
+        print(f"{'read_plan alone':52s} {time.perf_counter() - t:8.3f} s")
         for k, v in asyncio.run(drive(path, (w, h))).items():
-            print(f"{k:42s} {v:8.3f} s" if not k.startswith("edited") else f"{k:42s} {int(v):8d}")
+            print(f"{k:52s} {v:8.3f} s" if not k.startswith("edited") else f"{k:52s} {int(v):8d}")
     print(f"python {sys.version.split()[0]}, terminal {w}x{h}")
 
 

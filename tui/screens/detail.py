@@ -118,8 +118,10 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
                               for c in cs))
         add_row(tab, "mask digest", *(Text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
                                           else "") for c in cs))
-        add_row(tab, "kept", *(fmt_num(infos[c.model].kept, 3) + ("" if infos[c.model].exact else " (nominal)")
-                              for c in cs))
+        pm_stats = per_model_stats(t, models)
+        if "kept" not in pm_stats:  # the planner's measured kept fraction, when recorded, says more
+            add_row(tab, "kept", *(fmt_num(infos[c.model].kept, 3) + ("" if infos[c.model].exact else " (nominal)")
+                                   for c in cs))
         ov = overlaps(t)
         approx = False
         for other in cs:
@@ -134,7 +136,7 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
             add_row(tab, f"overlap {other.model}", *cells)
         for key in sorted({k for c in cs for k in c.source}):
             add_row(tab, f"{key} set by", *(c.source.get(key, "—") for c in cs))
-        for key, per in per_model_stats(t, models).items():
+        for key, per in pm_stats.items():
             add_row(tab, key, *(summarize(per[c.model]) if c.model in per else "—" for c in cs))
         parts.append(section("Per model", tab))
         if any(i.recompute for i in infos.values()):

@@ -200,13 +200,5 @@ class GridScreen(Screen):
     def action_edit(self) -> None:
         self.review.open_edit(self.selection_prefill())
 
-    def action_detail(self) -> None:
-        grid = self.query_one(PlanGrid)
-        cell = grid.cursor_cell()
-        if cell:
-            name = self.review.grid_model.tensor_at(cell[0], cell[1])
-            if name:
-                self.review.open_detail(name)
-
     def on_plan_grid_tensor_chosen(self, event: PlanGrid.TensorChosen) -> None:
         self.review.open_detail(event.tensor)
