@@ -190,13 +190,27 @@ def test_scale_weights_of_attention_for_one_model(tmp_path):
             assert "8 values: 8 tensors x 1 model;" in str(s.query_one("#edit-preview").render())
             await pilot.click("#apply")
             await pilot.pause()
-            return app.editor
+            ed = app.editor
+            assert ed.get("model.layers.1.self_attn.o_proj.weight", "code", "weight") == 1.25
+            # reset layer 1 back to the planned weights; layer 0 keeps its edit
+            app.open_edit(app.screen.selection_prefill())
+            await pilot.pause()
+            s = app.screen
+            for key, value in (("#field", "weight"), ("#action", "reset"), ("#layers", "1"),
+                               ("#components", "attn"), ("#models", "code")):
+                s.query_one(key).value = value
+            await pilot.pause()
+            assert s.query_one("#value").disabled
+            await pilot.press("enter")
+            await pilot.pause()
+            assert ed.get("model.layers.1.self_attn.o_proj.weight", "code", "weight") == 1.0
+            return ed
 
     ed = run(go())
     for layer in range(6):
         for c in ("q", "k", "v", "o", "gate"):
             name = f"model.layers.{layer}.{'mlp' if c == 'gate' else 'self_attn'}.{c}_{'proj'}.weight"
-            want = 1.25 if (layer <= 1 and c != "gate") else 1.0
+            want = 1.25 if (layer == 0 and c != "gate") else 1.0
             assert ed.get(name, "code", "weight") == want
             assert ed.get(name, "math", "weight") == 1.0
 
@@ -350,6 +364,21 @@ def test_overview_shows_model_status_from_the_worker(tmp_path):
             assert "sha256:" in text and "lewis.gamma" in text and "2026-01-02T03:04:05" in text
 
     run(go())
+
+
+def test_plan_without_task_models_or_tensors_still_opens(tmp_path):
+    from mergeplan.plan import ModelRef, Plan
+
+    plans = [make_plan(layers=2, models=()), Plan(method="linear", models=[ModelRef("base", "base", "./b")], tensors=[])]
+
+    async def go(path):
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("down", "space", "e", "escape", "v", "m", "enter", "d", "o", "g")
+            assert isinstance(app.screen, GridScreen)
+
+    for i, plan in enumerate(plans):
+        run(go(write(tmp_path, plan, f"p{i}.plan")))
 
 
 def test_real_checker_reports_missing_model_dirs(tmp_path):

@@ -171,6 +171,8 @@ class EditScreen(ModalScreen["EditRequest | None"]):
         field = str(self.query_one("#field", Select).value)
         action = str(self.query_one("#action", Select).value)
         value_in = self.query_one("#value", Input)
+        if action == "reset" and value_in.has_focus:
+            self.query_one("#layers", Input).focus()  # keep Enter-applies working
         value_in.disabled = action == "reset"
         value_in.placeholder = _HINT[action]
         self.query_one("#models", Input).disabled = field not in MODEL_FIELDS

@@ -158,6 +158,9 @@ class GridScreen(Screen):
         grid = self.query_one(PlanGrid)
         gm = self.review.grid_model
         q = self.quantity
+        field = q.field or ("omega" if q.key == "aim" else "density")
+        if grid.cursor_cell() is None:  # nothing shown (no task models / tensors): an empty form
+            return Prefill(field=field)
         box = self._selection_box()
         row, col = grid.cursor
         rows_i, cols_i = box if box else (range(row, row + 1), range(col, col + 1))
@@ -173,7 +176,6 @@ class GridScreen(Screen):
             names = [n for n in names if n]
             if not layer_rows and len(names) == 1:
                 pattern = names[0]
-        field = q.field or ("omega" if q.key == "aim" else "density")
         return Prefill(
             field=field,
             layers=format_layers(layer_rows) if layer_rows else "",
@@ -191,7 +193,10 @@ class GridScreen(Screen):
         self.model_filter = options[(options.index(self.model_filter) + 1) % len(options)]
 
     def action_mark(self) -> None:
-        cur = self.query_one(PlanGrid).cursor
+        grid = self.query_one(PlanGrid)
+        if grid.cursor_cell() is None:
+            return
+        cur = grid.cursor
         self.anchor = None if self.anchor == cur else cur
 
     def action_clear_mark(self) -> None:

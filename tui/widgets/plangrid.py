@@ -106,9 +106,9 @@ class PlanGrid(ScrollView, can_focus=True):
             names.append(short_component(comp))
         self._header = (top, names)
         self.virtual_size = Size(LABEL_WIDTH + CELL_WIDTH * len(self.col_keys), HEADER_HEIGHT + len(self.gm.rows))
-        if col < len(old_cols) and old_cols[col] in self.col_keys:
+        if 0 <= col < len(old_cols) and old_cols[col] in self.col_keys:
             col = self.col_keys.index(old_cols[col])
-        elif col < len(old_cols):  # same component, another model or none
+        elif 0 <= col < len(old_cols):  # same component, another model or none
             col = next((i for i, (c, _) in enumerate(self.col_keys) if c == old_cols[col][0]), 0)
         self.cursor = (-1, -1)
         self.move_cursor(row, col)
