@@ -143,7 +143,7 @@ def test_range_edit_undo_redo_save_and_reopen(tmp_path):
             assert ed.get("model.layers.1.mlp.up_proj.weight", "code", "density") != 0.52
             assert ed.get("model.layers.4.mlp.up_proj.weight", "math", "density") != 0.52
             row, col = cursor_at(grid, 2, "up", "math")
-            assert grid._cells[row][col][0] == "0.52*"  # the edited marker
+            assert grid._cells[row][col][0] == ".520*"  # the edited marker
             assert "unsaved" in app.sub_title
             await pilot.press("u")
             assert all(ed.get(t, m, "density") == before.tensor(t).contribution(m).density for t, m in edited)

@@ -84,7 +84,8 @@ def test_aim_factors_from_scores_or_precomputed():
 def test_cell_text_fits_and_heat_scale():
     for v in (0.5, 1.0, 12.25, 123.4, -0.5, 0.003, -12.0, 1e9, None, float("nan")):
         assert len(fmt_cell(v)) == 4
-    assert fmt_cell(0.456) == "0.46" and fmt_cell(None).strip() == "·"
+    assert fmt_cell(0.456) == ".456" and fmt_cell(1.0) == "1.00" and fmt_cell(12.25) == "12.2"
+    assert fmt_cell(0.0004) == "4e-4" and fmt_cell(-0.004) == " -~0" and fmt_cell(None).strip() == "·"
     assert heat(None, 0, 1) is None
     lo, hi = heat(0.0, 0.0, 1.0), heat(1.0, 0.0, 1.0)
     assert lo != hi and heat(5.0, 5.0, 5.0) == heat(0.5, 0.0, 1.0)  # flat scale -> middle colour

@@ -213,9 +213,17 @@ def fmt_cell(v: float | None, width: int = 4) -> str:
         return "·".rjust(width)
     if not math.isfinite(v):
         return ("nan" if math.isnan(v) else "inf").rjust(width)
-    if v != 0 and abs(v) < 0.01:
+    if v != 0 and abs(v) < 0.001:
         mant, exp = f"{v:.0e}".split("e")
         s = f"{mant}e{int(exp)}"
+        if len(s) <= width:
+            return s.rjust(width)
+    if 0 < abs(v) < 1:
+        # Drop the leading zero: ".702" keeps a third decimal, which tells apart values
+        # (AIM factors, densities) that two decimals would show as equal.
+        s = format(v, f".{width - 1 if v > 0 else width - 2}f").replace("0.", ".", 1)
+        if s.strip("-.0") == "":
+            return "-~0".rjust(width)  # a tiny negative value that no 4-character form shows
         if len(s) <= width:
             return s.rjust(width)
     for fmt in (".2f", ".1f", ".0f"):

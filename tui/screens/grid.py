@@ -80,7 +80,7 @@ class GridScreen(Screen):
         self._update_selection()
         gm = self.review.grid_model
         series_models = (self._models() or gm.models) if q.per_model else [None]
-        series = [(m or q.label, gm.series(q, m), gm.layers) for m in series_models]
+        series = [(m or "tensors", gm.series(q, m), gm.layers) for m in series_models]
         await self.query_one(LayerBars).update_series(series)
         shown = "all models" if not q.per_model or not self.model_filter else self.model_filter
         if not q.per_model:
