@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ import torch
 from . import __version__
 from .errors import MergeplanError
 from .execute import TensorInputs, check_finite, run_tensor
+from .stream import CHUNK, FileDescriptors, FileSlices, run_streamed, streamable
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards
@@ -44,6 +46,10 @@ class ApplyOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress | None = None
     plan_path: str | None = None
+    # Working memory the tensors in flight may claim together (estimates; see _Budget). A
+    # tensor larger than the budget still runs, alone.
+    memory_budget: int = 1 << 30
+    chunk: int = 0  # elements per slice on the streamed path; 0: stream.CHUNK
 
 
 @dataclass
@@ -146,22 +152,25 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
         where = {t.name: l.file for l in layouts for t in l.tensors}
 
+        budget = _Budget(opts.memory_budget)
+        fds = FileDescriptors()
+        base_id = plan.base.id if plan.base else None
+        on_cpu = opts.device.type == "cpu"
+
         def one(tp) -> None:
-            base_id = plan.base.id if plan.base else None
-            base = dirs[base_id].read(tp.name, opts.device) if base_id and tp.op != "copy" else None
-            if tp.op == "copy":
-                base = dirs[tp.source].read(tp.name, opts.device)
-                tensors = []
-            else:
-                tensors = [dirs[c.model].read(tp.name, opts.device) for c in tp.contributions]
-            nbytes = sum(t.numel() * t.element_size() for t in ([base] if base is not None else []) + tensors)
-            if base is not None:
-                check_finite(base, tp.name, tp.source or base_id)
-            for c, t in zip(tp.contributions, tensors):
-                check_finite(t, tp.name, c.model)
-            result = run_tensor(plan, tp, TensorInputs(base, tensors))
-            result = result.to(recipe_to_torch(tp.dtype)).to("cpu").contiguous()
-            writers[where[tp.name]].write(tp.name, result)
+            out_dtype = recipe_to_torch(tp.dtype)
+            ids = _models_of(plan, tp)
+            nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
+            stream = on_cpu and streamable(plan, tp)
+            with budget.claim(_working_set(tp, out_dtype, nbytes, stream, len(ids))):
+                if stream:
+                    src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
+                                     [base_id] + [c.model for c in tp.contributions], fds)
+                    result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK)
+                else:
+                    result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
+                writers[where[tp.name]].write(tp.name, result)
+                del result
             with lock:
                 state["done"] += 1
                 state["bytes"] += nbytes
@@ -183,6 +192,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
                     list(ex.map(one, order))
         finally:
             torch.set_num_threads(prev)
+            fds.close()
         for w in writers.values():
             w.close()
         write_index(tmp, layouts)
@@ -210,6 +220,56 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _whole(plan: Plan, tp, dirs: dict[str, ModelDir], device: torch.device, base_id: str | None) -> torch.Tensor:
+    """The whole-tensor path: every input in memory at once (masks that need the whole
+    tensor, copies, non-CPU devices)."""
+    if tp.op == "copy":
+        base = dirs[tp.source].read(tp.name, device)
+        check_finite(base, tp.name, tp.source)
+        return run_tensor(plan, tp, TensorInputs(base, []))
+    base = dirs[base_id].read(tp.name, device) if base_id else None
+    tensors = [dirs[c.model].read(tp.name, device) for c in tp.contributions]
+    if base is not None:
+        check_finite(base, tp.name, base_id)
+    for c, t in zip(tp.contributions, tensors):
+        check_finite(t, tp.name, c.model)
+    return run_tensor(plan, tp, TensorInputs(base, tensors))
+
+
+def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, stream: bool, models: int) -> int:
+    """Rough peak bytes of one tensor in flight. Streamed: the output buffer plus slices.
+    Whole: the inputs plus float32 copies (base, deltas, masks, merge temporaries)."""
+    n = _numel(tp.shape)
+    out = n * torch.empty((), dtype=out_dtype).element_size()
+    if stream:
+        return out + 64 * CHUNK * (models + 2)
+    return out + input_bytes + 4 * n * (2 * models + 4)
+
+
+class _Budget:
+    """Admits tensors while their estimated working sets fit in `limit` bytes together;
+    one that does not fit waits for others to finish, and one larger than the whole
+    budget runs alone. Keeps several huge tensors from being expanded at once."""
+
+    def __init__(self, limit: int):
+        self.limit = max(0, int(limit))
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def claim(self, nbytes: int):
+        with self._cond:
+            while self.used and self.used + nbytes > self.limit:
+                self._cond.wait()
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
 
 
 def _numel(shape) -> int:

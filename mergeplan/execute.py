@@ -26,10 +26,13 @@ class TensorInputs:
 
 def check_finite(t: torch.Tensor, tensor: str, model: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise MergeplanError(
-            f"model {model}: tensor {tensor} holds {bad} NaN/Inf value(s); fix or replace that model's weights"
-        )
+        raise nonfinite_error(tensor, model, int((~torch.isfinite(t)).sum()))
+
+
+def nonfinite_error(tensor: str, model: str, bad: int) -> MergeplanError:
+    return MergeplanError(
+        f"model {model}: tensor {tensor} holds {bad} NaN/Inf value(s); fix or replace that model's weights"
+    )
 
 
 def _group(tp: TensorPlan) -> dict | None:
@@ -89,15 +92,27 @@ def aim_factors(relax: dict) -> torch.Tensor:
 
 def relax(base: torch.Tensor, merged: torch.Tensor, spec: dict) -> torch.Tensor:
     """AIM: W = W0 + f * (W_merged - W0), f broadcast along the spec's axis."""
+    f, axis = relax_factors(spec, tuple(merged.shape))
+    return relax_with(base, merged, f.to(merged.device), axis)
+
+
+def relax_factors(spec: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    """(float32 factors, axis) of an AIM spec for a tensor of `shape`; raises if they do not fit."""
     if spec.get("kind") != "aim":
         raise MergeplanError(f"unknown relaxation kind {spec.get('kind')!r} in plan; upgrade mergeplan")
-    f = aim_factors(spec).to(merged.device)
-    axis = int(spec.get("axis", -1)) % merged.ndim
-    if merged.shape[axis] != f.numel():
+    f = aim_factors(spec)
+    axis = int(spec.get("axis", -1)) % len(shape)
+    if shape[axis] != f.numel():
         raise MergeplanError(
-            f"AIM factors have {f.numel()} entries but the tensor has {merged.shape[axis]} along axis {axis}; "
+            f"AIM factors have {f.numel()} entries but the tensor has {shape[axis]} along axis {axis}; "
             "the plan does not fit these inputs"
         )
+    return f, axis
+
+
+def relax_with(base: torch.Tensor, merged: torch.Tensor, f: torch.Tensor, axis: int) -> torch.Tensor:
+    """base + (merged - base) * f along `axis`; f may be the slice of the factors that
+    covers merged's extent along that axis (the chunked path passes row blocks)."""
     shape = [1] * merged.ndim
     shape[axis] = f.numel()
     return base + (merged - base) * f.view(shape)

@@ -1,0 +1,543 @@
+"""Merge one tensor slice by slice, reading each slice straight from the input shards.
+
+Why: the whole-tensor path (execute.run_tensor) holds every input plus several float32
+copies at once; a 32k x 2048 embedding is 262 MB per float32 copy, so peak memory grows
+with the largest tensor x models x threads. Here a tensor costs its output buffer plus a
+few slices, whatever its size.
+
+Why the bytes do not change: every output element goes through the float32 operations
+of run_tensor, in the same order; only the way the work is cut differs.
+- Magnitude masks (ties, breadcrumbs) need the whole tensor only to find a threshold:
+  the k largest keys |d| (float32 bits as int32, select.py's key), equal keys: lower
+  flat index first. That set is found exactly by counting, slice by slice: a histogram
+  of the high 15 bits, then of the low 16 bits of the boundary bucket, then (only with
+  ties at the boundary) the index of the last tie kept. It equals topk_mask's set by
+  definition, and the recomputed digests are checked against the plan as before.
+- Bernoulli masks draw the key's generator slice after slice; torch.rand's CPU stream
+  is sequential, so the concatenated draws equal one draw of the whole shape.
+- The merge is elementwise. By default each slice goes through the fused kernel below,
+  which differs from combine.merge_deltas only in how it selects: `where(mask, x, 0)`
+  becomes a bit-and with an all-ones/all-zeros int mask, and the sign election uses
+  clamp/sign/copysign instead of where (torch.where costs ~10 ns per element on random
+  masks: branch misses). Both give the same bits for finite values (signed zeros
+  included); a slice whose sign vote is not finite goes through registry.merge_tensor
+  itself, and a probe compares the kernel with merge_tensor on synthetic data before
+  its first use for each parameter set, so a change in combine.py falls back instead of
+  silently diverging.
+Methods whose masks need the whole tensor at once (della, n:m/CABS, l1 rescale,
+explicit mask bits) keep the whole-tensor path: `streamable` says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputMismatchError, MergeplanError
+from .execute import nonfinite_error, relax_factors, relax_with
+from .io.modeldir import ModelDir
+from .io.tensors import st_to_torch
+from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count
+from .methods.registry import method_spec, merge_tensor
+from .methods.rng import generator_for
+from .plan.model import OP_MERGE, Plan, TensorPlan
+
+CHUNK = 1 << 16  # elements per slice: a few float32 slices per model stay in L2
+_HIGH_BINS = 1 << 15
+_LOW_BINS = 1 << 16
+_STREAM_KINDS = ("magnitude", "breadcrumbs", "bernoulli")
+_MAX_READ = 1 << 30
+
+
+# ---- which tensors -------------------------------------------------------------------------
+
+
+def streamable(plan: Plan, tp: TensorPlan) -> bool:
+    """True when run_streamed reproduces run_tensor for this tensor (see the module doc)."""
+    if tp.op != OP_MERGE or len(tp.shape) == 0 or math.prod(tp.shape) == 0:
+        return False
+    if tp.relax is not None and tp.relax.get("kind") != "aim":
+        return False
+    for c in tp.contributions:
+        spec = c.mask
+        if spec is None:
+            continue
+        if "bits" in spec or spec.get("kind") not in _STREAM_KINDS:
+            return False
+        if spec.get("rescale", "none") not in ("none", "inverse"):
+            return False  # l1's float64 sums over the whole tensor are order-dependent
+    return True
+
+
+# ---- reading slices ------------------------------------------------------------------------
+
+
+class SliceSource:
+    """Slices of one tensor in several inputs: index 0 is the base (or None), then one per
+    contribution. read() returns a 1-D CPU tensor in the stored dtype."""
+
+    has_base: bool
+    models: list[str | None]
+
+    def read(self, index: int, start: int, count: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class MemorySlices(SliceSource):
+    """Tensors already in memory (tests, small tensors)."""
+
+    def __init__(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], models: Sequence[str | None] | None = None):
+        self._flat = [None if base is None else base.reshape(-1)] + [t.reshape(-1) for t in tensors]
+        self.has_base = base is not None
+        self.models = list(models) if models is not None else [None] * len(self._flat)
+
+    def read(self, index: int, start: int, count: int) -> torch.Tensor:
+        return self._flat[index][start:start + count]
+
+
+class FileDescriptors:
+    """Read-only descriptors of shard files, shared by the threads of one apply run."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except OSError as e:
+                        raise MergeplanError(f"cannot open {path}: {e.strerror}") from None
+                    self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+class FileSlices(SliceSource):
+    """One tensor's slices read with pread from each input's shard (page cache, no mmap)."""
+
+    def __init__(self, name: str, dirs: Sequence[ModelDir | None], models: Sequence[str | None], fds: FileDescriptors):
+        self.name = name
+        self.has_base = dirs[0] is not None
+        self.models = list(models)
+        self._fds = fds
+        self._where = []
+        for d in dirs:
+            if d is None:
+                self._where.append(None)
+                continue
+            info = d.info(name)
+            dtype = st_to_torch(info.dtype)
+            self._where.append((str(d.path / info.file), info.start, dtype, torch.empty((), dtype=dtype).element_size()))
+
+    def read(self, index: int, start: int, count: int) -> torch.Tensor:
+        path, offset, dtype, size = self._where[index]
+        buf = torch.empty(count * size, dtype=torch.uint8)
+        mv = memoryview(buf.numpy())
+        fd = self._fds.get(path)
+        pos, done, total = offset + start * size, 0, count * size
+        try:
+            while done < total:
+                n = os.preadv(fd, [mv[done:done + _MAX_READ]], pos + done)
+                if n == 0:
+                    raise MergeplanError(
+                        f"{path} ended while reading tensor {self.name!r} (file truncated since it was opened?)"
+                    )
+                done += n
+        except OSError as e:
+            raise MergeplanError(f"cannot read tensor {self.name!r} from {path}: {e.strerror}") from None
+        return buf.view(dtype)
+
+
+# ---- exact top-k by counting ---------------------------------------------------------------
+
+
+def _bucket_from_top(counts: np.ndarray, k: int) -> tuple[int, int, int]:
+    """(b, above, inside): the bucket holding the k-th largest key (1 <= k <= total), the
+    count of keys in higher buckets, the count in bucket b."""
+    at_or_above = np.cumsum(counts[::-1])[::-1]
+    b = int(np.count_nonzero(at_or_above >= k)) - 1
+    above = int(at_or_above[b + 1]) if b + 1 < len(counts) else 0
+    return b, above, int(at_or_above[b]) - above
+
+
+class TopK:
+    """The k largest of n int32 keys seen in flat order, slice by slice, over a few passes
+    (equal keys: lower flat index first). Afterwards `mask(key, start)` gives any slice's
+    membership: key > threshold, or key == threshold at a flat index <= cut."""
+
+    def __init__(self, n: int, k: int):
+        self.n, self.k = n, k
+        self.threshold, self.cut = -1, -1  # k == n: every key > -1
+        self.stage = "done"
+        if k == 0:
+            self.threshold = (1 << 31) - 1  # nothing is above the largest key
+        elif k < n:
+            self.stage = "high"
+            self._counts = np.zeros(_HIGH_BINS, dtype=np.int64)
+
+    def feed(self, key: torch.Tensor, start: int) -> None:
+        if self.stage == "high":
+            self._counts += torch.bincount(key >> 16, minlength=_HIGH_BINS).numpy()
+        elif self.stage == "low":
+            low = key[(key >> 16) == self._bucket] & 0xFFFF
+            if low.numel():
+                self._counts += torch.bincount(low, minlength=_LOW_BINS).numpy()
+        elif self.stage == "cut" and self._seen < self._ties:
+            tie = key == self.threshold
+            found = int(tie.sum())
+            if self._seen + found >= self._ties:
+                self.cut = start + int(torch.nonzero(tie).reshape(-1)[self._ties - self._seen - 1])
+            self._seen += found
+
+    def finish_pass(self) -> None:
+        if self.stage == "high":
+            b, above, inside = _bucket_from_top(self._counts, self.k)
+            self._bucket, self._need = b, self.k - above
+            if self._need == inside:  # the whole boundary bucket stays
+                self.threshold, self.stage = (b << 16) - 1, "done"
+            else:
+                self._counts, self.stage = np.zeros(_LOW_BINS, dtype=np.int64), "low"
+        elif self.stage == "low":
+            t, above, equal = _bucket_from_top(self._counts, self._need)
+            value = (self._bucket << 16) | t
+            ties = self._need - above
+            if ties == equal:  # every key equal to the threshold stays
+                self.threshold, self.stage = value - 1, "done"
+            else:
+                self.threshold, self._ties, self._seen, self.stage = value, ties, 0, "cut"
+            del self._counts
+        elif self.stage == "cut":
+            if self.cut < 0:
+                raise MergeplanError("top-k tie count changed between passes; are the inputs being modified?")
+            self.stage = "done"
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+    def mask(self, key: torch.Tensor, start: int) -> torch.Tensor:
+        """bool membership of a slice's keys (flat indices start, start+1, ...)."""
+        keep = key > self.threshold
+        if self.cut >= 0:
+            idx = torch.arange(start, start + key.numel(), device=key.device)
+            keep |= (key == self.threshold) & (idx <= self.cut)
+        return keep
+
+
+# ---- per-contribution masks ---------------------------------------------------------------
+
+
+@dataclass
+class _Mask:
+    """How one contribution's mask is made slice by slice, and its rescale factor."""
+
+    kind: str  # "magnitude" | "breadcrumbs" | "bernoulli"
+    scale: float | None
+    selections: list[TopK] = field(default_factory=list)  # magnitude: [top]; breadcrumbs: [outer, inner?]
+    generator: torch.Generator | None = None
+    prob: torch.Tensor | None = None
+    digest: object | None = None  # hashlib object while checking
+    want: str | None = None
+    _tail: np.ndarray | None = None
+
+    def slice_mask(self, key: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
+        if self.kind == "bernoulli":
+            return torch.rand(count, generator=self.generator, dtype=torch.float32) < self.prob
+        keep = self.selections[0].mask(key, start)
+        if len(self.selections) > 1:
+            keep &= ~self.selections[1].mask(key, start)
+        return keep
+
+    def hash_slice(self, keep: torch.Tensor) -> None:
+        """Feed mask_digest's byte stream (np.packbits, big-endian, row-major) one slice at a time."""
+        bits = keep.numpy()
+        if self._tail is not None and len(self._tail):
+            bits = np.concatenate([self._tail, bits])
+        whole = len(bits) - len(bits) % 8
+        self.digest.update(np.packbits(bits[:whole], bitorder="big").tobytes())
+        self._tail = bits[whole:].copy()
+
+    def hexdigest(self) -> str:
+        if self._tail is not None and len(self._tail):
+            self.digest.update(np.packbits(self._tail, bitorder="big").tobytes())
+            self._tail = None
+        return self.digest.hexdigest()[:32]
+
+
+def _inverse_scale(kept: int, n: int) -> float | None:
+    """masks._finish's factor for a deterministic mask with `kept` of n entries."""
+    keep_prob = kept / n if kept else 0.0
+    return 1.0 / keep_prob if keep_prob > 0 else None
+
+
+def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int, check_digests: bool) -> _Mask | None:
+    if spec is None:
+        return None
+    check_spec(spec, f"tensor {tp.name!r}, model {model!r}")  # same refusal as build_masks
+    kind, density = spec["kind"], float(spec["density"])
+    if density >= 1.0:
+        return None  # as masks._single_mask: the delta stays untouched, rescale included
+    inverse = spec.get("rescale", "none") == "inverse"
+    if kind == "bernoulli":
+        m = _Mask(kind, (1.0 / density if density > 0 else None) if inverse else None,
+                  generator=generator_for(plan.seed, tp.name, model),
+                  prob=torch.tensor(density, dtype=torch.float32))
+    elif kind == "magnitude":
+        k = magnitude_keep_count(density, n)
+        m = _Mask(kind, _inverse_scale(k, n) if inverse else None, selections=[TopK(n, k)])
+    else:
+        top, kept = breadcrumbs_window(density, float(spec["gamma"]), n)
+        sels = [TopK(n, top + kept)] + ([TopK(n, top)] if top else [])
+        m = _Mask(kind, _inverse_scale(kept, n) if inverse else None, selections=sels)
+    if check_digests and spec.get("digest"):
+        m.digest, m.want = hashlib.sha256(), spec["digest"]
+    return m
+
+
+# ---- the fused kernel -----------------------------------------------------------------------
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)  # as combine._device_scalar on the CPU
+
+
+def _fused(method: str, params: dict, b32: torch.Tensor, deltas: list[torch.Tensor],
+           maskbits: list[torch.Tensor | None], scales: list[float | None], weights: list[float]) -> torch.Tensor | None:
+    """registry.merge_tensor for a GTA method with consensus None or "sum", from the float32
+    base and deltas; None when the sign vote is not finite (the caller then runs
+    merge_tensor itself). maskbits: int32 -1 where kept, 0 where dropped (None: no mask)."""
+    spec = method_spec(method)
+    normalize = params.get("normalize", spec.normalize)
+    consensus = params.get("consensus_method", spec.consensus)
+    lam = float(params.get("lambda", 1.0))
+    w = [_scalar(float(x)) for x in weights]
+    e = []
+    for d, bits, s, wi in zip(deltas, maskbits, scales, w):
+        x = d
+        if bits is not None:
+            if s is not None:
+                x = x * s
+            x = (x.view(torch.int32) & bits).view(torch.float32)  # where(mask, x, +0.0)
+        e.append(x * wi)
+    if consensus is None:
+        out = e[0]
+        for x in e[1:]:
+            out += x
+        if normalize:
+            total = float(sum(float(x) for x in weights))
+            out /= _scalar(1.0 if abs(total) < 1e-8 else total)
+    else:
+        vote = torch.zeros_like(b32)
+        for x in e:
+            vote += x
+        if not math.isfinite(float(vote.sum())):
+            return None  # some e_i is inf/NaN (or the sum overflowed): let merge_tensor decide
+        # vote is never -0.0 (a sum that starts at +0.0), so copysign gives where(vote >= 0, 1, -1).
+        elected = torch.ones_like(vote).copysign_(vote)
+        out = torch.zeros_like(b32)
+        divisor = torch.zeros_like(b32) if normalize else None
+        for x, wi in zip(e, w):
+            # p = |e_i| where e_i agrees with the elected sign, else a zero; p * elected = e_i.
+            p = (x * elected).clamp_min_(0.0)
+            out += p * elected  # adding a zero leaves out (never -0.0) unchanged
+            if divisor is not None:
+                divisor += torch.sign(p) * wi
+        if divisor is not None:
+            divisor += divisor == 0
+            out /= divisor
+    if lam != 1.0:
+        out *= _scalar(lam)
+    return b32 + out
+
+
+def _fused_ok(method: str, params: dict, weights: list[float]) -> bool:
+    """Whether _fused applies: consensus None/"sum", a base, finite weights."""
+    spec = method_spec(method)
+    if not spec.needs_base or not all(math.isfinite(float(x)) for x in weights):
+        return False
+    return params.get("consensus_method", spec.consensus) in (None, "sum")
+
+
+_PROBE_CACHE: dict[tuple, bool] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe(method: str, params: dict, weights: list[float], scales: list[float | None], masked: list[bool]) -> bool:
+    """Does _fused give merge_tensor's bytes for these parameters? Checked once per
+    parameter set on synthetic bf16 data with zeros, signed zeros, ties and cancellations."""
+    key = (method, repr(sorted(params.items())), tuple(weights), tuple(scales), tuple(masked))
+    with _PROBE_LOCK:
+        if key in _PROBE_CACHE:
+            return _PROBE_CACHE[key]
+    g = torch.Generator().manual_seed(1234)
+    n = 4096
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    base[:64] = 0.0
+    base[64:128] = -0.0
+    tensors = []
+    for i in range(len(weights)):
+        t = (base.float() + torch.randn(n, generator=g) * 0.004).to(torch.bfloat16)
+        t[i * 97:i * 97 + 300] = base[i * 97:i * 97 + 300]  # zero deltas
+        t[2000 + i:2100] = -t[2000 + i:2100]  # opposite signs across models
+        tensors.append(t)
+    keeps = [torch.rand(n, generator=g) < 0.5 if m else None for m in masked]
+    masks = [None if k is None else MaskResult(k, s) for k, s in zip(keeps, scales)]
+    want = merge_tensor(method, base, tensors, weights, masks, params)
+    b32 = base.float()
+    deltas = [t.float() - b32 for t in tensors]
+    bits = [None if k is None else -k.to(torch.int32) for k in keeps]
+    got = _fused(method, params, b32, deltas, bits, scales, weights)
+    ok = got is not None and torch.equal(want.view(torch.int32), got.view(torch.int32))
+    with _PROBE_LOCK:
+        _PROBE_CACHE[key] = ok
+    return ok
+
+
+# ---- one tensor -----------------------------------------------------------------------------
+
+
+def _slices(shape: tuple[int, ...], chunk: int, whole_rows: bool):
+    """(start, count) over the flat tensor; whole rows of dim 0 when the relaxation needs them."""
+    n = math.prod(shape)
+    step = chunk
+    if whole_rows:
+        row = n // shape[0]
+        step = max(1, chunk // row) * row
+    for start in range(0, n, step):
+        yield start, min(step, n - start)
+
+
+def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.dtype,
+                 chunk: int = CHUNK, check_digests: bool = True, fused: bool = True) -> torch.Tensor:
+    """run_tensor(plan, tp, inputs).to(out_dtype) computed slice by slice: same bytes.
+
+    Raises the same errors: non-finite inputs (MergeplanError naming the model), a
+    recomputed mask that misses the plan's digest (InputMismatchError)."""
+    shape = tuple(tp.shape)
+    n = math.prod(shape)
+    contribs = tp.contributions
+    masks = [_mask_for(plan, tp, c.model, c.mask, n, check_digests) for c in contribs]
+    weights = [float(c.weight) for c in contribs]
+    relax = None
+    if tp.relax is not None and src.has_base:
+        relax = relax_factors(tp.relax, shape)
+    whole_rows = relax is not None  # row blocks reshape to (rows, *shape[1:]) for the broadcast
+    slices = list(_slices(shape, chunk, whole_rows))
+
+    checked = False  # inputs checked finite yet?
+    pending = [s for m in masks if m is not None for s in m.selections if not s.done]
+    while pending:
+        bad = False
+        needs = {i for i, m in enumerate(masks) if m is not None and any(not s.done for s in m.selections)}
+        for start, count in slices:
+            b32, deltas = _deltas(src, start, count, needs if checked else set(range(len(contribs))))
+            if not checked:
+                bad |= not _finite_sums(b32, deltas)
+            for i in needs:
+                key = deltas[i].abs().view(torch.int32)
+                for s in masks[i].selections:
+                    if not s.done:
+                        s.feed(key, start)
+        if bad:
+            _raise_nonfinite(src, tp.name, shape, slices)
+        checked = True
+        for s in pending:
+            s.finish_pass()
+        pending = [s for s in pending if not s.done]
+
+    use_fused = fused and _fused_ok(plan.method, tp.params, weights) and _probe(
+        plan.method, tp.params, weights, [m.scale if m else None for m in masks], [m is not None for m in masks])
+    out = torch.empty(n, dtype=out_dtype)
+    bad = False
+    for start, count in slices:
+        b32, deltas = _deltas(src, start, count, set(range(len(contribs))))
+        if not checked:
+            bad |= not _finite_sums(b32, deltas)
+        keeps = []
+        for i, m in enumerate(masks):
+            if m is None:
+                keeps.append(None)
+                continue
+            key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
+            keep = m.slice_mask(key, start, count)
+            if m.digest is not None:
+                m.hash_slice(keep)
+            keeps.append(keep)
+        res = None
+        if use_fused:
+            bits = [None if k is None else -k.to(torch.int32) for k in keeps]
+            res = _fused(plan.method, tp.params, b32, deltas, bits, [m.scale if m else None for m in masks], weights)
+        if res is None:
+            base_raw = src.read(0, start, count) if src.has_base else None
+            tensors = [src.read(i + 1, start, count) for i in range(len(contribs))]
+            mres = [None if k is None else MaskResult(k, m.scale) for k, m in zip(keeps, masks)]
+            res = merge_tensor(plan.method, base_raw, tensors, weights, mres, tp.params)
+        if relax is not None:
+            f, axis = relax
+            rows = count * shape[0] // n
+            view_shape = (rows,) + shape[1:]
+            fs = f[start * shape[0] // n:start * shape[0] // n + rows] if axis == 0 else f
+            res = relax_with(b32.view(view_shape), res.view(view_shape), fs, axis).reshape(-1)
+        out[start:start + count].copy_(res)
+    if bad:
+        _raise_nonfinite(src, tp.name, shape, slices)
+    for c, m in zip(contribs, masks):
+        if m is not None and m.digest is not None and m.hexdigest() != m.want:
+            raise InputMismatchError(
+                f"tensor {tp.name}, model {c.model}: the recomputed mask does not match the plan's digest; "
+                "the inputs differ from those the plan was made from (run `mergeplan validate --inputs`) "
+                "or re-plan"
+            )
+    return out.view(shape)
+
+
+def _deltas(src: SliceSource, start: int, count: int, which: set[int]) -> tuple[torch.Tensor | None, list]:
+    """float32 base slice and the float32 deltas t_i - base of the contributions in `which`
+    (without a base: the float32 tensors themselves), as run_tensor's deltas_of."""
+    b32 = src.read(0, start, count).float() if src.has_base else None
+    out: list[torch.Tensor | None] = []
+    for i in range(len(src.models) - 1):
+        if i not in which:
+            out.append(None)
+            continue
+        t = src.read(i + 1, start, count).float()
+        out.append(t - b32 if b32 is not None else t)
+    return b32, out
+
+
+def _finite_sums(b32: torch.Tensor | None, deltas: list) -> bool:
+    """Cheap screen: a float32 sum is finite whenever every term is (a huge but finite
+    slice can overflow the sum; _raise_nonfinite then counts exactly and finds nothing)."""
+    parts = ([b32] if b32 is not None else []) + [d for d in deltas if d is not None]
+    return all(math.isfinite(float(p.sum())) for p in parts)
+
+
+def _raise_nonfinite(src: SliceSource, name: str, shape: tuple[int, ...], slices) -> None:
+    """Count NaN/Inf per input in run_tensor's order (base first) and raise for the first."""
+    for index in range(len(src.models)):
+        if index == 0 and not src.has_base:
+            continue
+        bad = 0
+        for start, count in slices:
+            t = src.read(index, start, count)
+            if t.is_floating_point():
+                bad += int((~torch.isfinite(t)).sum())
+        if bad:
+            raise nonfinite_error(name, src.models[index] or f"#{index}", bad)
