@@ -104,3 +104,28 @@ def test_missing_recipe_and_plan(tmp_path, capsys):
     assert_one_line_error(code, err, "none.yaml")
     code, _, err = run_cli(capsys, "show", tmp_path / "none.plan")
     assert_one_line_error(code, err, "none.plan")
+
+
+def test_cabs_density_edit_applies(tiny_family, tmp_path, capsys):
+    """Editing the first model in CABS order changes the later model's mask too; apply
+    recomputes both (their digests were dropped) and succeeds."""
+    fam = tiny_family
+    r = write_recipe(tmp_path / "cabs.yaml", f"""
+        merge_method: cabs
+        base_model: {fam.base}
+        models:
+          - model: {fam.finetunes['math']}
+            parameters: {{weight: 1.0, n: 4}}
+          - model: {fam.finetunes['code']}
+            parameters: {{weight: 1.0, n: 4}}
+        parameters: {{m: 8, order: [code, math]}}
+    """)
+    code, _, err = run_cli(capsys, "plan", r, "-o", tmp_path / "c.plan", "-q")
+    assert code == 0, err
+    ed = PlanEditor(read_plan(tmp_path / "c.plan"), str(tmp_path / "c.plan"))
+    ed.set([(Q, "code")], "density", 0.25)
+    t = ed.plan.tensor(Q)
+    assert t.contribution("math").mask["digest"] is None
+    ed.save()
+    code, _, err = run_cli(capsys, "apply", tmp_path / "c.plan", tmp_path / "out", "-q")
+    assert code == 0, err

@@ -71,3 +71,37 @@ def test_diff_shows_edits_only():
     rows = diff_plans(a, ed.plan)
     assert [(r.where, r.model, r.field, r.old, r.new) for r in rows] == [(Q2, "code", "weight", 1.0, 0.5)]
     assert diff_plans(a, a.clone()) == []
+
+
+def _cabs_plan():
+    from mergeplan.plan import Contribution, ModelRef, Plan, TensorPlan
+
+    contribs = [Contribution(m, 1.0, {"kind": "nm", "n": 8, "m": 32, "density": 0.25, "digest": d})
+                for m, d in (("a", "d" * 32), ("b", "e" * 32), ("c", "f" * 32))]
+    t = TensorPlan("model.layers.0.mlp.up_proj.weight", (64, 64), "float32",
+                   params={"cabs_order": [1, 0, 2]}, contributions=contribs)
+    models = [ModelRef("base", "base", "b")] + [ModelRef(m, "task", m) for m in "abc"]
+    return Plan("cabs", models, [t])
+
+
+def test_cabs_density_edit_drops_digests_of_models_masked_later():
+    ed = PlanEditor(_cabs_plan())
+    name = "model.layers.0.mlp.up_proj.weight"
+    ed.set([(name, "a")], "density", 0.4)  # order is b, a, c: a and c depend on a
+    t = ed.plan.tensor(name)
+    assert t.contribution("a").mask["n"] == 13 and ed.get(name, "a", "density") == 13 / 32
+    assert [t.contribution(m).mask["digest"] for m in "bac"] == ["e" * 32, None, None]
+    ed.undo()
+    assert [t.contribution(m).mask["digest"] for m in "abc"] == ["d" * 32, "e" * 32, "f" * 32]
+    ed.set([(name, "c")], "density", 0.5)  # last in order: only its own digest goes
+    assert [t.contribution(m).mask["digest"] for m in "abc"] == ["d" * 32, "e" * 32, None]
+
+
+def test_explicit_mask_density_edit_is_refused_before_any_change():
+    plan = _cabs_plan()
+    name = "model.layers.0.mlp.up_proj.weight"
+    plan.tensor(name).contribution("b").mask["bits"] = b"\xff" * 512
+    ed = PlanEditor(plan)
+    with pytest.raises(MergeplanError, match="explicit"):
+        ed.set([(name, "a"), (name, "b")], "density", 0.5)
+    assert ed.get(name, "a", "density") == 0.25 and not ed.dirty and not ed.can_undo

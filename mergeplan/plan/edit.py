@@ -5,9 +5,11 @@ Editable quantities ("fields"):
 - per tensor: "lambda" (scale of the merged delta) and "omega" (AIM relaxation strength).
 
 Editing a density invalidates the mask digest the planner recorded (the digest pinned the
-mask at the old density). The mask keeps its recipe (kind, seed key, params) and its
-"digest" becomes None, so apply recomputes it from the recipe, which is deterministic,
-and says so. Every saved edit is appended to the plan's edit log with old and new values.
+mask at the old density), and for CABS also the digests of the models masked after it
+(their masks avoid its positions). Those masks keep their recipe (kind, seed key, params)
+and their "digest" becomes None, so apply recomputes them from the recipe, which is
+deterministic; the digest comes back when the values return to the planned ones. An n:m
+mask's density moves in steps of 1/m. Every saved edit is appended to the plan's edit log with old and new values.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def get_value(plan: Plan, tensor: str, model: str | None, field: str) -> float |
     raise MergeplanError(f"unknown field {field!r}; editable fields: {', '.join(FIELDS)}")
 
 
-def _put(plan: Plan, tensor: str, model: str | None, field: str, value: Any, recorded: Any = None) -> None:
+def _put(plan: Plan, tensor: str, model: str | None, field: str, value: Any) -> None:
     t = plan.tensor(tensor)
     if field == "weight":
         c = t.contribution(model)
@@ -81,17 +83,40 @@ def _put(plan: Plan, tensor: str, model: str | None, field: str, value: Any, rec
         if c.mask is None:
             # A dense contribution gets a magnitude mask: the data-free, deterministic choice.
             c.mask = {"kind": "magnitude", "density": value, "digest": None}
-        elif "bits" in c.mask:
-            raise MergeplanError(f"{tensor} [{model}]: has an explicit edited mask; its density is fixed by its bits")
+        elif c.mask.get("kind") == "nm":
+            # n:m masks keep n of every m: the density moves in steps of 1/m.
+            m = int(c.mask["m"])
+            n = min(m, max(1, round(value * m)))
+            c.mask = {**c.mask, "n": n, "density": n / m}
         else:
             c.mask = {**c.mask, "density": value}
-            # Restore the planner's digest when the value returns to what it pinned.
-            c.mask["digest"] = recorded
         c.source = {**c.source, "density": "edit"}
     elif field == "lambda":
         t.params = {**t.params, "lambda": value}
     elif field == "omega":
         t.relax = {**t.relax, "omega": value}
+
+
+def _refresh_digests(t: TensorPlan, loaded: TensorPlan) -> None:
+    """A recorded mask digest stays valid only while the mask's inputs are as planned: its
+    own density, and for CABS (sequential masks) the densities of every model masked
+    before it. Otherwise it is dropped and apply recomputes the mask without a check."""
+    order = t.params.get("cabs_order")
+    order = list(order) if order is not None else None
+    for i, c in enumerate(t.contributions):
+        if c.mask is None or "bits" in c.mask:
+            continue
+        orig = loaded.contribution(c.model)
+        if orig is None or orig.mask is None:
+            c.mask["digest"] = None
+            continue
+        deps = [i] if order is None else order[: order.index(i) + 1] if i in order else [i]
+        same = all(
+            loaded.contribution(t.contributions[j].model) is not None
+            and t.contributions[j].density == loaded.contribution(t.contributions[j].model).density
+            for j in deps
+        )
+        c.mask["digest"] = orig.mask.get("digest") if same else None
 
 
 class PlanEditor:
@@ -166,29 +191,29 @@ class PlanEditor:
             old = self.get(t, m, field)
             if old is None:
                 raise MergeplanError(f"{t}: has no {field}" + (f" for model {m}" if m else ""))
+            c = self.plan.tensor(t).contribution(m) if m else None
+            if field == "density" and c is not None and c.mask is not None and "bits" in c.mask:
+                raise MergeplanError(f"{t} [{m}]: has an explicit edited mask; its density is fixed by its bits")
             if old != v:
                 changes.append(Change(t, m, field, old, v))
         for c in changes:
-            _put(self.plan, c.tensor, c.model, c.field, c.new, self._recorded_digest(c))
+            self._set(c.tensor, c.model, c.field, c.new)
         if changes:
             self._undo.append(changes)
             self._redo.clear()
         return changes
 
-    def _recorded_digest(self, c: Change) -> Any:
-        if c.field != "density":
-            return None
-        orig = self.loaded.tensor(c.tensor).contribution(c.model)
-        if orig is not None and orig.mask is not None and orig.density == c.new:
-            return orig.mask.get("digest")
-        return None
+    def _set(self, tensor: str, model: str | None, field: str, value: Any) -> None:
+        _put(self.plan, tensor, model, field, value)
+        if field == "density":
+            _refresh_digests(self.plan.tensor(tensor), self.loaded.tensor(tensor))
 
     def undo(self) -> list[Change]:
         if not self._undo:
             return []
         changes = self._undo.pop()
         for c in reversed(changes):
-            _put(self.plan, c.tensor, c.model, c.field, c.old, self._recorded_digest(Change(c.tensor, c.model, c.field, c.new, c.old)))
+            self._set(c.tensor, c.model, c.field, c.old)
         self._redo.append(changes)
         return changes
 
@@ -197,7 +222,7 @@ class PlanEditor:
             return []
         changes = self._redo.pop()
         for c in changes:
-            _put(self.plan, c.tensor, c.model, c.field, c.new, self._recorded_digest(c))
+            self._set(c.tensor, c.model, c.field, c.new)
         self._undo.append(changes)
         return changes
 
