@@ -7,7 +7,7 @@ import torch
 from mergeplan.calibrate.data import load_calib_set
 from mergeplan.calibrate.settings import parse_calibration
 from mergeplan.errors import MergeplanError
-from test_calib_family import build_tokenizer, CORPUS
+from test_calib_family import build_tokenizer, CORPUS, one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from mergeplan.calibrate.modules import linear_sites, weighted_sites
 from mergeplan.calibrate.passes import activation_pass, sensitivity_pass
 from mergeplan.errors import MergeplanError
 from mergeplan.guides import ModelInput, run_guides
-from test_calib_family import CORPUS, build_tokenizer, family, load64, module_inputs64, texts_of, tokenise  # noqa: F401
+from test_calib_family import CORPUS, build_tokenizer, family, load64, module_inputs64, texts_of, tokenise, one_thread  # noqa: F401
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@ import pytest
 
 from mergeplan.guides import ModelInput, run_guides
 from mergeplan.guides.aim import channel_scores, factors
-from test_calib_family import build_family, family, load64, module_inputs64, tokenise  # noqa: F401
+from test_calib_family import build_family, family, load64, module_inputs64, tokenise, one_thread  # noqa: F401
 
 
 def test_scores_and_factors_by_hand():

@@ -6,7 +6,7 @@ import torch
 
 from mergeplan.guides import ModelInput, run_guides
 from mergeplan.guides.lewis import normalised_deltas, scale_densities, wanda_score
-from test_calib_family import family, load64, module_inputs64, texts_of, tokenise  # noqa: F401
+from test_calib_family import family, load64, module_inputs64, texts_of, tokenise, one_thread  # noqa: F401
 
 LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj$")
 ORDER = ["q", "k", "v", "o", "gate", "up", "down"]

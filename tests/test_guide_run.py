@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mergeplan.guides import GuideDecisions, ModelInput, run_guides
-from test_calib_family import TASKS, family  # noqa: F401
+from test_calib_family import TASKS, family, one_thread  # noqa: F401
 
 GUIDES = {"lewis": {"gamma": 0.4, "epsilon": 0.9}, "aim": {"omega": 0.5}, "sens": {"temperature": 2.0}}
 

@@ -8,7 +8,7 @@ import torch
 from mergeplan.errors import MergeplanError
 from mergeplan.guides import ModelInput, run_guides
 from mergeplan.guides.sens import alpha, sigma, tau
-from test_calib_family import TASKS, family, load64, texts_of, tokenise  # noqa: F401
+from test_calib_family import TASKS, family, load64, texts_of, tokenise, one_thread  # noqa: F401
 
 
 def test_alpha_tau_sigma_by_hand():

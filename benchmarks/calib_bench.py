@@ -1,0 +1,191 @@
+"""Calibration cost: hook overhead against a bare forward pass, peak memory, plan time.
+
+    python benchmarks/calib_bench.py [--device auto] [--hidden 512] [--layers 6] [--samples 16]
+                                     [--seq-len 256] [--batch-size 4] [--repeats 3] [--plan]
+
+1. Hook overhead: the same batches through the same model, (a) bare forward, (b) with the
+   activation hooks of AIM (|x| on every weighted module), (c) LEWIS (x^2 on decoder
+   linears), (d) both. Best of --repeats wall times; the target is (b..d) / (a) <= 1.15.
+2. Peak host RSS (and peak device memory on CUDA).
+3. --plan: run_guides end to end (LEWIS + AIM + Sens) on a random base + 3 fine-tunes of the
+   chosen size written to a temp dir, timed per model; prints the plan time and an estimate
+   for other sizes from the measured forward throughput.
+Random weights and token ids: timing does not depend on what the text says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mergeplan.calibrate.data import CalibSet  # noqa: E402
+from mergeplan.calibrate.models import resolve_device  # noqa: E402
+from mergeplan.calibrate.modules import linear_sites, weighted_sites  # noqa: E402
+from mergeplan.calibrate.passes import activation_pass  # noqa: E402
+
+
+def _config(a):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.6875) // 8 * 8,
+        num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
+        num_key_value_heads=max(1, a.hidden // 256), max_position_embeddings=max(2048, a.seq_len),
+        tie_word_embeddings=False,
+    )
+
+
+def _calib(a, seed=0) -> CalibSet:
+    g = torch.Generator().manual_seed(seed)
+    # lengths vary so batches carry padding, as real documents do
+    lens = torch.randint(a.seq_len * 3 // 4, a.seq_len + 1, (a.samples,), generator=g).tolist()
+    samples = [torch.randint(4, a.vocab, (n,), generator=g).tolist() for n in lens]
+    return CalibSet("random", "random", "bench", samples, 0, a.seq_len, a.samples, "-")
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
+
+
+def _bare(model, batches, dev):
+    with torch.no_grad():
+        for ids, mask in batches:
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+
+
+def _best(fn, dev, repeats):
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def overhead(a, dev) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(a)).to(dev).eval()
+    model.config.use_cache = False
+    cs = _calib(a)
+    batches = cs.batches(a.batch_size)
+    mods_all = {n: model.get_submodule(n) for n in weighted_sites(model)[0]}
+    mods_lin = {n: model.get_submodule(n) for n in linear_sites(model)}
+    runs = {
+        "bare": lambda: _bare(model, batches, dev),
+        "aim": lambda: activation_pass(model, mods_all, ("abs",), batches, dev, "bench"),
+        "lewis": lambda: activation_pass(model, mods_lin, ("sq",), batches, dev, "bench"),
+        "aim+lewis": lambda: activation_pass(model, {**mods_all, **mods_lin}, ("abs", "sq"), batches, dev, "bench"),
+    }
+    runs["bare"]()  # warm-up: allocator, kernels, thread pools
+    res = {}
+    # interleave repeats so a noisy neighbour hurts every variant alike
+    for _ in range(a.repeats):
+        for name, fn in runs.items():
+            res[name] = min(res.get(name, float("inf")), _best(fn, dev, 1))
+    out = {
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "tokens": cs.tokens,
+        "bare_s": round(res["bare"], 4),
+        "tokens_per_s": round(cs.tokens / res["bare"]),
+    }
+    for k in ("aim", "lewis", "aim+lewis"):
+        out[f"{k}_s"] = round(res[k], 4)
+        out[f"{k}_ratio"] = round(res[k] / res["bare"], 3)
+    if dev.type == "cuda":
+        out["device_peak_MiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    return out
+
+
+def plan_time(a, dev) -> dict:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mergeplan.guides import ModelInput, run_guides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        vocab = {f"w{i}": i for i in range(a.vocab)}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w1", pad_token="w0", eos_token="w2")
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(_config(a))
+        base.save_pretrained(root / "base")
+        tok.save_pretrained(root / "base")
+        sd = base.state_dict()
+        data = {}
+        for k, task in enumerate(("math", "code", "legal")):
+            ft = LlamaForCausalLM(_config(a))
+            ft.load_state_dict({n: v + 0.01 * torch.randn_like(v) for n, v in sd.items()})
+            ft.save_pretrained(root / task)
+            cs = _calib(a, seed=k + 1)
+            data[task] = root / f"{task}.jsonl"
+            data[task].write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in s)}) + "\n" for s in cs.samples))
+        del base, ft, sd
+        cal = {"data": {t: str(p) for t, p in data.items()}, "samples": a.samples, "seq_len": a.seq_len,
+               "batch_size": a.batch_size, "device": str(dev)}
+        out = {}
+        for name, guides in (("lewis+aim", {"lewis": {}, "aim": {}}), ("lewis+aim+sens", {"lewis": {}, "aim": {}, "sens": {}})):
+            t = time.perf_counter()
+            dec = run_guides(guides, cal, ModelInput("base", root / "base"),
+                             [ModelInput(m, root / m) for m in data], root, quiet=True)
+            out[f"{name}_s"] = round(time.perf_counter() - t, 2)
+            out[f"{name}_per_model_s"] = dec.calibration["timings_s"]
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--plan", action="store_true", help="also time run_guides end to end")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = resolve_device(a.device)
+    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
+    o = overhead(a, dev)
+    for k, v in o.items():
+        print(f"  {k:18s} {v}")
+    worst = max(o[f"{k}_ratio"] for k in ("aim", "lewis", "aim+lewis"))
+    print(f"hook overhead (worst ratio to bare forward): {worst:.3f}  target <= 1.15  {'OK' if worst <= 1.15 else 'OVER'}")
+    if a.plan:
+        pt = plan_time(a, dev)
+        for k, v in pt.items():
+            print(f"  {k:28s} {v}")
+        # Passes: base 1 per data set; each fine-tune 1 forward+backward per sample (Sens,
+        # ~3x a forward) plus 1 forward per other task's data; at the measured throughput:
+        fwd = o["tokens"] / o["tokens_per_s"]
+        print(f"  estimate per forward pass over the data: {fwd:.2f} s (scale by params and tokens for other sizes)")
+    print(f"peak host RSS: {_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
