@@ -593,6 +593,8 @@ def build_family(
     dtype: torch.dtype = torch.float32,
     tied: bool = False,
     evaluate: bool | None = None,
+    eval_records: int = MAX_RECORDS,
+    threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TinyFamily:
     """Build base + FAMILY_MODELS fine-tunes + data files under `out_dir`.
@@ -601,9 +603,33 @@ def build_family(
     (see PERTURB); about a second. steps>0: train the base `steps` optimizer steps on
     licence text, then fine-tune a copy of it `steps` steps on each task. Weights are
     saved in `dtype` (training always runs in float32). `evaluate` (default: steps > 0)
-    fills `losses` and family.json with each model's loss on each data file.
-    Same arguments, thread count and machine texts -> byte-identical shards.
+    fills `losses` and family.json with each model's loss on the first `eval_records`
+    records of each data file. `threads` sets torch's CPU threads for the build only
+    (None: leave them). Same arguments, thread count and machine texts -> identical bytes.
     """
+    if threads is not None and threads < 1:
+        raise MergeplanError(f"threads={threads} must be at least 1")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _build(Path(out_dir), steps, seed, hidden, layers, dtype, tied, evaluate, eval_records, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build(
+    root: Path,
+    steps: int,
+    seed: int,
+    hidden: int,
+    layers: int,
+    dtype: torch.dtype,
+    tied: bool,
+    evaluate: bool | None,
+    eval_records: int,
+    log: Callable[[str], None] | None,
+) -> TinyFamily:
     if steps < 0:
         raise MergeplanError(f"steps={steps} must be >= 0 (0 builds a random family without training)")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -611,8 +637,9 @@ def build_family(
     _check_shape(hidden, layers)
     log = log or (lambda _msg: None)
     evaluate = steps > 0 if evaluate is None else evaluate
-    root = Path(out_dir)
     _prepare_out_dir(root)
+    # Marked first, so a build that dies half-way can be rebuilt in place.
+    (root / MARKER).write_text(json.dumps({"builder": "samples/tiny_family.py", "complete": False}) + "\n", encoding="utf-8")
 
     corpus = load_corpus()
     tokenizer = train_tokenizer(corpus)
@@ -647,7 +674,7 @@ def build_family(
     family = TinyFamily(root=root, base=root / "base", finetunes=finetunes, data=data, seed=seed, steps=steps, dtype=dtype)
     if evaluate:
         start = time.perf_counter()
-        losses = eval_family(family)
+        losses = eval_family(family, max_records=eval_records)
         log(f"evaluated {len(losses)} models on {len(TASKS)} tasks in {time.perf_counter() - start:.1f} s")
     else:
         losses = {}
@@ -659,6 +686,7 @@ def build_family(
 def _write_marker(family: TinyFamily, *, hidden: int, layers: int, tied: bool, corpus: Corpus, vocab: int) -> None:
     info = {
         "builder": "samples/tiny_family.py",
+        "complete": True,
         "seed": family.seed,
         "steps": family.steps,
         "dtype": str(family.dtype).removeprefix("torch."),
@@ -694,7 +722,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); the same count gives the same bytes")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per model is noise here
@@ -702,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         family = build_family(
             args.out_dir, steps=args.steps, seed=args.seed, hidden=args.hidden, layers=args.layers,
-            dtype=getattr(torch, args.dtype), log=print,
+            dtype=getattr(torch, args.dtype), threads=args.threads, log=print,
         )
     except MergeplanError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -717,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\neval loss (nats/token) on held-out data; rows: model, columns: task")
         print(format_losses(family.losses))
     # CPU time next to wall time tells a slow build on a busy machine from a slow machine.
-    print(f"\nbuilt in {elapsed:.1f} s wall, {cpu:.1f} s CPU, torch threads: {torch.get_num_threads()}")
+    print(f"\nbuilt in {elapsed:.1f} s wall, {cpu:.1f} s CPU, torch threads: {args.threads}")
     return 0
 
 

@@ -196,7 +196,7 @@ def test_eval_loss_matches_a_float64_recomputation(family_builder, tiny_family):
 
 
 def test_trained_build_runs_and_records_losses(family_builder, tmp_path):
-    built = family_builder.build_family(tmp_path / "t", steps=3, seed=0, hidden=32, layers=2)
+    built = family_builder.build_family(tmp_path / "t", steps=3, seed=0, hidden=32, layers=2, eval_records=8, threads=1)
     assert set(built.losses) == {"base", *family_builder.FAMILY_MODELS}
     for row in built.losses.values():
         assert set(row) == set(family_builder.TASKS)
@@ -217,8 +217,10 @@ def test_trained_build_runs_and_records_losses(family_builder, tmp_path):
 
 def test_script_main_builds_and_rebuilds_its_own_directory(family_builder, tmp_path, capsys):
     out = tmp_path / "fam"
-    args = [str(out), "--steps", "0", "--threads", str(torch.get_num_threads())]
+    threads = torch.get_num_threads()
+    args = [str(out), "--steps", "0", "--threads", "1"]
     assert family_builder.main(args) == 0
+    assert torch.get_num_threads() == threads  # the build's thread count does not leak
     assert family_builder.main(args) == 0  # an earlier family is replaced, not refused
     printed = capsys.readouterr().out
     assert str(out / "base") in printed and "data/math" in printed
@@ -239,3 +241,16 @@ def test_bad_arguments_raise_one_clear_error(family_builder, tiny_family, tmp_pa
     assert not (tmp_path / "neg").exists() and not (tmp_path / "odd").exists()  # checked before writing
     with pytest.raises(MergeplanError, match="no model 'poetry'"):
         tiny_family.model("poetry")
+
+
+def test_tied_family_shares_embeddings_and_stores_them_once(family_builder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    built = family_builder.build_family(tmp_path / "tied", tied=True, layers=2)
+    for name, directory in built.models.items():
+        weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+        assert "lm_head.weight" not in weight_map and sorted(set(weight_map.values())) == SHARDS, name
+        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), name
+    base = load64(built.base)["model.embed_tokens.weight"]
+    assert np.any(load64(built.finetunes["legal"])["model.embed_tokens.weight"] != base)
