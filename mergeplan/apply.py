@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .errors import MergeplanError
 from .execute import TensorInputs, check_finite, run_tensor
-from .stream import CHUNK, FileDescriptors, FileSlices, run_streamed, streamable
+from .stream import CHUNK, FileDescriptors, FileSlices, MemorySlices, run_streamed, streamable
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards
@@ -35,6 +35,10 @@ from .plan.codec import plan_digest
 from .plan.model import Plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
+
+# Streamed tensors whose inputs take at most this many bytes together are read whole once
+# (the passes then slice memory); larger ones are read slice by slice from the shards.
+_IN_MEMORY_INPUTS = 96 << 20
 
 
 @dataclass
@@ -164,9 +168,16 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             stream = on_cpu and streamable(plan, tp)
             with budget.claim(_working_set(tp, out_dtype, nbytes, stream, len(ids))):
                 if stream:
-                    src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
-                                     [base_id] + [c.model for c in tp.contributions], fds)
+                    ins = [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions]
+                    models = [base_id] + [c.model for c in tp.contributions]
+                    if nbytes <= _IN_MEMORY_INPUTS:
+                        # Read once, sliced from memory by each of the passes over the tensor.
+                        src = MemorySlices(ins[0].read(tp.name) if ins[0] else None,
+                                           [d.read(tp.name) for d in ins[1:]], models)
+                    else:
+                        src = FileSlices(tp.name, ins, models, fds)
                     result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK)
+                    del src
                 else:
                     result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
                 writers[where[tp.name]].write(tp.name, result)
@@ -244,7 +255,7 @@ def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, stream: bool, mod
     n = _numel(tp.shape)
     out = n * torch.empty((), dtype=out_dtype).element_size()
     if stream:
-        return out + 64 * CHUNK * (models + 2)
+        return out + 64 * CHUNK * (models + 2) + (input_bytes if input_bytes <= _IN_MEMORY_INPUTS else 0)
     return out + input_bytes + 4 * n * (2 * models + 4)
 
 

@@ -178,14 +178,22 @@ def _bucket_from_top(counts: np.ndarray, k: int) -> tuple[int, int, int]:
 
 
 class TopK:
-    """The k largest of n int32 keys seen in flat order, slice by slice, over a few passes
-    (equal keys: lower flat index first). Afterwards `mask(key, start)` gives any slice's
-    membership: key > threshold, or key == threshold at a flat index <= cut."""
+    """The k largest of n int32 keys seen in flat order, slice by slice, over two passes
+    (equal keys: lower flat index first). Afterwards `bits(key, start)` gives any slice's
+    membership as int32 -1 (kept) / 0: key > threshold, or key == threshold at a flat
+    index <= cut.
 
-    def __init__(self, n: int, k: int):
+    Pass 1 counts the high 15 bits of every key; pass 2 keeps the boundary bucket's
+    entries (low 16 bits and flat index), usually a small share of the tensor, which
+    settles the exact threshold and the last tie kept. Only when that bucket is too
+    large to keep does a third pass find the cut by counting ties.
+    """
+
+    def __init__(self, n: int, k: int, keep_limit: int | None = None):
         self.n, self.k = n, k
-        self.threshold, self.cut = -1, -1  # k == n: every key > -1
+        self.threshold, self.cut = -1, n  # k == n: every key > -1
         self.stage = "done"
+        self._keep_limit = max(1 << 20, n // 16) if keep_limit is None else keep_limit
         if k == 0:
             self.threshold = (1 << 31) - 1  # nothing is above the largest key
         elif k < n:
@@ -196,9 +204,14 @@ class TopK:
         if self.stage == "high":
             self._counts += torch.bincount(key >> 16, minlength=_HIGH_BINS).numpy()
         elif self.stage == "low":
-            low = key[(key >> 16) == self._bucket] & 0xFFFF
-            if low.numel():
-                self._counts += torch.bincount(low, minlength=_LOW_BINS).numpy()
+            idx = torch.nonzero((key >> 16) == self._bucket).reshape(-1)
+            if idx.numel():
+                self._lows.append(key[idx] & 0xFFFF)
+                self._kept += idx.numel()
+                if self._idx is not None and self._kept <= self._keep_limit:
+                    self._idx.append(idx + start)
+                else:
+                    self._idx = None  # too many to keep: a third pass finds the cut
         elif self.stage == "cut" and self._seen < self._ties:
             tie = key == self.threshold
             found = int(tie.sum())
@@ -210,19 +223,23 @@ class TopK:
         if self.stage == "high":
             b, above, inside = _bucket_from_top(self._counts, self.k)
             self._bucket, self._need = b, self.k - above
+            del self._counts
             if self._need == inside:  # the whole boundary bucket stays
                 self.threshold, self.stage = (b << 16) - 1, "done"
             else:
-                self._counts, self.stage = np.zeros(_LOW_BINS, dtype=np.int64), "low"
+                self._lows, self._idx, self._kept, self.stage = [], [], 0, "low"
         elif self.stage == "low":
-            t, above, equal = _bucket_from_top(self._counts, self._need)
-            value = (self._bucket << 16) | t
+            lows = torch.cat(self._lows)
+            t, above, equal = _bucket_from_top(torch.bincount(lows, minlength=_LOW_BINS).numpy(), self._need)
+            self.threshold = (self._bucket << 16) | t
             ties = self._need - above
             if ties == equal:  # every key equal to the threshold stays
-                self.threshold, self.stage = value - 1, "done"
+                self.cut, self.stage = self.n, "done"
+            elif self._idx is not None:
+                self.cut, self.stage = int(torch.cat(self._idx)[lows == t][ties - 1]), "done"
             else:
-                self.threshold, self._ties, self._seen, self.stage = value, ties, 0, "cut"
-            del self._counts
+                self.cut, self._ties, self._seen, self.stage = -1, ties, 0, "cut"
+            self._lows = self._idx = None
         elif self.stage == "cut":
             if self.cut < 0:
                 raise MergeplanError("top-k tie count changed between passes; are the inputs being modified?")
@@ -232,13 +249,20 @@ class TopK:
     def done(self) -> bool:
         return self.stage == "done"
 
+    def bits(self, key: torch.Tensor, start: int) -> torch.Tensor:
+        """int32 membership of a slice's keys (flat indices start, start+1, ...): -1 kept, 0 not."""
+        end = start + key.numel()
+        if end - 1 <= self.cut:  # every tie here is kept: key >= threshold
+            return torch.sub(self.threshold - 1, key).bitwise_right_shift_(31)
+        if start > self.cut:  # no tie here is kept: key > threshold
+            return torch.sub(self.threshold, key).bitwise_right_shift_(31)
+        idx = torch.arange(start, end, device=key.device)
+        keep = (key > self.threshold) | ((key == self.threshold) & (idx <= self.cut))
+        return keep.to(torch.int32).neg_()
+
     def mask(self, key: torch.Tensor, start: int) -> torch.Tensor:
-        """bool membership of a slice's keys (flat indices start, start+1, ...)."""
-        keep = key > self.threshold
-        if self.cut >= 0:
-            idx = torch.arange(start, start + key.numel(), device=key.device)
-            keep |= (key == self.threshold) & (idx <= self.cut)
-        return keep
+        """bool membership of a slice's keys."""
+        return self.bits(key, start) != 0
 
 
 # ---- per-contribution masks ---------------------------------------------------------------
@@ -257,17 +281,19 @@ class _Mask:
     want: str | None = None
     _tail: np.ndarray | None = None
 
-    def slice_mask(self, key: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
+    def slice_bits(self, key: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
+        """The slice's mask as int32 -1 (kept) / 0: ready for a bit-and with float32 bits."""
         if self.kind == "bernoulli":
-            return torch.rand(count, generator=self.generator, dtype=torch.float32) < self.prob
-        keep = self.selections[0].mask(key, start)
+            keep = torch.rand(count, generator=self.generator, dtype=torch.float32) < self.prob
+            return keep.to(torch.int32).neg_()
+        bits = self.selections[0].bits(key, start)
         if len(self.selections) > 1:
-            keep &= ~self.selections[1].mask(key, start)
-        return keep
+            bits &= ~self.selections[1].bits(key, start)
+        return bits
 
-    def hash_slice(self, keep: torch.Tensor) -> None:
+    def hash_slice(self, mask_bits: torch.Tensor) -> None:
         """Feed mask_digest's byte stream (np.packbits, big-endian, row-major) one slice at a time."""
-        bits = keep.numpy()
+        bits = mask_bits.to(torch.uint8).numpy()  # packbits packs nonzero as 1
         if self._tail is not None and len(self._tail):
             bits = np.concatenate([self._tail, bits])
         whole = len(bits) - len(bits) % 8
@@ -318,53 +344,61 @@ def _scalar(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)  # as combine._device_scalar on the CPU
 
 
-def _fused(method: str, params: dict, b32: torch.Tensor, deltas: list[torch.Tensor],
-           maskbits: list[torch.Tensor | None], scales: list[float | None], weights: list[float]) -> torch.Tensor | None:
-    """registry.merge_tensor for a GTA method with consensus None or "sum", from the float32
-    base and deltas; None when the sign vote is not finite (the caller then runs
-    merge_tensor itself). maskbits: int32 -1 where kept, 0 where dropped (None: no mask)."""
-    spec = method_spec(method)
-    normalize = params.get("normalize", spec.normalize)
-    consensus = params.get("consensus_method", spec.consensus)
-    lam = float(params.get("lambda", 1.0))
-    w = [_scalar(float(x)) for x in weights]
-    e = []
-    for d, bits, s, wi in zip(deltas, maskbits, scales, w):
-        x = d
-        if bits is not None:
-            if s is not None:
-                x = x * s
-            x = (x.view(torch.int32) & bits).view(torch.float32)  # where(mask, x, +0.0)
-        e.append(x * wi)
-    if consensus is None:
-        out = e[0]
-        for x in e[1:]:
-            out += x
-        if normalize:
-            total = float(sum(float(x) for x in weights))
-            out /= _scalar(1.0 if abs(total) < 1e-8 else total)
-    else:
-        vote = torch.zeros_like(b32)
-        for x in e:
-            vote += x
-        if not math.isfinite(float(vote.sum())):
-            return None  # some e_i is inf/NaN (or the sum overflowed): let merge_tensor decide
-        # vote is never -0.0 (a sum that starts at +0.0), so copysign gives where(vote >= 0, 1, -1).
-        elected = torch.ones_like(vote).copysign_(vote)
-        out = torch.zeros_like(b32)
-        divisor = torch.zeros_like(b32) if normalize else None
-        for x, wi in zip(e, w):
-            # p = |e_i| where e_i agrees with the elected sign, else a zero; p * elected = e_i.
-            p = (x * elected).clamp_min_(0.0)
-            out += p * elected  # adding a zero leaves out (never -0.0) unchanged
+class _Fused:
+    """registry.merge_tensor for a GTA method with consensus None or "sum", one slice at a
+    time from the float32 base and deltas, without torch.where (see the module doc).
+    __call__ returns None when the slice's sign vote is not finite; the caller then runs
+    merge_tensor itself."""
+
+    def __init__(self, method: str, params: dict, scales: list[float | None], weights: list[float]):
+        spec = method_spec(method)
+        self.normalize = params.get("normalize", spec.normalize)
+        self.consensus = params.get("consensus_method", spec.consensus)
+        self.lam = float(params.get("lambda", 1.0))
+        self.scales = scales
+        self.w = [_scalar(float(x)) for x in weights]
+        total = float(sum(float(x) for x in weights))
+        self.total = _scalar(1.0 if abs(total) < 1e-8 else total)
+
+    def __call__(self, b32: torch.Tensor, deltas: list[torch.Tensor], maskbits: list[torch.Tensor | None]) -> torch.Tensor | None:
+        e = []
+        for d, bits, s, wi in zip(deltas, maskbits, self.scales, self.w):
+            x = d
+            if bits is not None:
+                if s is not None:
+                    x = x * s
+                x = (x.view(torch.int32) & bits).view(torch.float32)  # where(mask, x, +0.0)
+            e.append(x * wi)
+        if self.consensus is None:
+            out = e[0]
+            for x in e[1:]:
+                out += x
+            if self.normalize:
+                out /= self.total
+        else:
+            vote = torch.zeros_like(b32)
+            for x in e:
+                vote += x
+            if not math.isfinite(float(vote.sum())):
+                return None  # some e_i is inf/NaN (or the sum overflowed): let merge_tensor decide
+            # vote is never -0.0 (a sum that starts at +0.0), so this is where(vote >= 0, 1, -1).
+            elected = torch.ones_like(vote).copysign_(vote)
+            out = torch.zeros_like(b32)
+            divisor = torch.zeros_like(b32) if self.normalize else None
+            for x, wi in zip(e, self.w):
+                # p = |e_i| where e_i agrees with the elected sign, else a zero; p * elected = e_i.
+                p = x.mul_(elected).clamp_min_(0.0)
+                if divisor is not None:
+                    divisor += torch.sign(p).mul_(wi)  # w_i where agreeing, else a zero
+                out += p.mul_(elected)  # adding a zero leaves out (never -0.0) unchanged
             if divisor is not None:
-                divisor += torch.sign(p) * wi
-        if divisor is not None:
-            divisor += divisor == 0
-            out /= divisor
-    if lam != 1.0:
-        out *= _scalar(lam)
-    return b32 + out
+                # divisor[divisor == 0] = 1: sign(x)^2 is 1 except at 0 (and NaN, which stays NaN).
+                sq = torch.sign(divisor)
+                divisor += sq.mul_(sq).neg_().add_(1.0)
+                out /= divisor
+        if self.lam != 1.0:
+            out *= _scalar(self.lam)
+        return b32 + out
 
 
 def _fused_ok(method: str, params: dict, weights: list[float]) -> bool:
@@ -403,7 +437,7 @@ def _probe(method: str, params: dict, weights: list[float], scales: list[float |
     b32 = base.float()
     deltas = [t.float() - b32 for t in tensors]
     bits = [None if k is None else -k.to(torch.int32) for k in keeps]
-    got = _fused(method, params, b32, deltas, bits, scales, weights)
+    got = _Fused(method, params, scales, weights)(b32, deltas, bits)
     ok = got is not None and torch.equal(want.view(torch.int32), got.view(torch.int32))
     with _PROBE_LOCK:
         _PROBE_CACHE[key] = ok
@@ -462,32 +496,32 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
             s.finish_pass()
         pending = [s for s in pending if not s.done]
 
-    use_fused = fused and _fused_ok(plan.method, tp.params, weights) and _probe(
-        plan.method, tp.params, weights, [m.scale if m else None for m in masks], [m is not None for m in masks])
+    scales = [m.scale if m else None for m in masks]
+    kernel = None
+    if fused and _fused_ok(plan.method, tp.params, weights) and _probe(
+            plan.method, tp.params, weights, scales, [m is not None for m in masks]):
+        kernel = _Fused(plan.method, tp.params, scales, weights)
     out = torch.empty(n, dtype=out_dtype)
     bad = False
     for start, count in slices:
         b32, deltas = _deltas(src, start, count, set(range(len(contribs))))
         if not checked:
             bad |= not _finite_sums(b32, deltas)
-        keeps = []
+        bits = []
         for i, m in enumerate(masks):
             if m is None:
-                keeps.append(None)
+                bits.append(None)
                 continue
             key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
-            keep = m.slice_mask(key, start, count)
+            b = m.slice_bits(key, start, count)
             if m.digest is not None:
-                m.hash_slice(keep)
-            keeps.append(keep)
-        res = None
-        if use_fused:
-            bits = [None if k is None else -k.to(torch.int32) for k in keeps]
-            res = _fused(plan.method, tp.params, b32, deltas, bits, [m.scale if m else None for m in masks], weights)
+                m.hash_slice(b)
+            bits.append(b)
+        res = kernel(b32, deltas, bits) if kernel is not None else None
         if res is None:
             base_raw = src.read(0, start, count) if src.has_base else None
             tensors = [src.read(i + 1, start, count) for i in range(len(contribs))]
-            mres = [None if k is None else MaskResult(k, m.scale) for k, m in zip(keeps, masks)]
+            mres = [None if b is None else MaskResult(b != 0, m.scale) for b, m in zip(bits, masks)]
             res = merge_tensor(plan.method, base_raw, tensors, weights, mres, tp.params)
         if relax is not None:
             f, axis = relax

@@ -141,8 +141,9 @@ def _numpy_topk(keys: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
+@pytest.mark.parametrize("keep_limit", [None, 0])  # 0: boundary entries not kept, a third pass cuts ties
 @pytest.mark.parametrize("dist", ["floats", "heavy_ties", "one_bucket"])
-def test_topk_counts_match_a_stable_sort(dist):
+def test_topk_counts_match_a_stable_sort(dist, keep_limit):
     rng = np.random.default_rng(7)
     n = 3001
     if dist == "floats":
@@ -153,7 +154,7 @@ def test_topk_counts_match_a_stable_sort(dist):
         keys = (0x3F800000 + rng.integers(0, 50, n)).astype(np.int32)  # one high bucket, many ties
     t = torch.from_numpy(keys)
     for k in (0, 1, 2, n // 3, n // 2, n - 1, n):
-        sel = TopK(n, k)
+        sel = TopK(n, k, keep_limit=keep_limit)
         while not sel.done:
             for start in range(0, n, 256):
                 sel.feed(t[start:start + 256], start)
@@ -268,10 +269,36 @@ def test_apply_streamed_equals_whole_path_and_threads(tiny_family_bf16, tmp_path
         return real(*a, **k)
 
     monkeypatch.setattr(apply_mod, "run_streamed", counting)
-    apply_plan(plan, tmp_path / "s1", ApplyOptions(threads=1, chunk=1000))
+    apply_plan(plan, tmp_path / "s1", ApplyOptions(threads=1, chunk=1000))  # inputs read whole, sliced in memory
+    monkeypatch.setattr(apply_mod, "_IN_MEMORY_INPUTS", 0)  # every slice pread from the shards
     apply_plan(plan, tmp_path / "s2", ApplyOptions(threads=2, chunk=777, memory_budget=1))
     assert calls["stream"] == 2 * sum(t.op == "merge" for t in plan.tensors)
     monkeypatch.setattr(apply_mod, "streamable", lambda plan, tp: False)
     apply_plan(plan, tmp_path / "whole", ApplyOptions(threads=1))
     s1, s2, whole = (_tree(tmp_path / n) for n in ("s1", "s2", "whole"))
     assert len(s1) > 1 and s1 == s2 == whole
+
+
+def test_file_slices_read_ranges_and_name_a_truncated_shard(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergeplan.io.modeldir import ModelDir
+    from mergeplan.stream import FileDescriptors, FileSlices
+
+    d = tmp_path / "m"
+    d.mkdir()
+    a = torch.arange(1000, dtype=torch.float32).to(torch.bfloat16).reshape(10, 100)
+    save_file({"a": a, "b": torch.ones(3)}, str(d / "model.safetensors"))
+    md = ModelDir.open(d, name="m")
+    fds = FileDescriptors()
+    try:
+        src = FileSlices("a", [md], ["m"], fds)
+        assert torch.equal(src.read(0, 0, 1000), a.reshape(-1))
+        assert torch.equal(src.read(0, 123, 77), a.reshape(-1)[123:200])
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-600])  # cut into tensor "a" (b sits after it)
+        with pytest.raises(MergeplanError, match="ended while reading tensor 'a'"):
+            src.read(0, 600, 400)
+    finally:
+        fds.close()
+        md.close()
