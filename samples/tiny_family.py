@@ -6,6 +6,7 @@ Everything comes from text that ships with the machine: licence texts under
 As a script (trained family, about a minute of one CPU core):
 
     python samples/tiny_family.py [OUT_DIR] [--steps N] [--seed S] [--hidden H] [--layers L]
+                                  [--dtype float32|bfloat16|float16] [--threads T]
 
 As a module (tests build a random family, steps=0, in about a second):
 
@@ -25,7 +26,8 @@ Layout written under OUT_DIR:
 
 The fine-tunes start from the base and learn three different tasks: two-digit addition,
 Python source, and all-caps licence text (the shouting warranty-disclaimer register).
-Data files hold text none of the models trained on. The data does not depend on the seed,
+Data files hold text none of the models (nor the tokenizer) trained on, near copies from
+sibling licence versions included. The data does not depend on the seed,
 so families built with different seeds share calibration text; it does depend on the
 machine's licence files and Python version (recorded in family.json).
 """
@@ -176,6 +178,30 @@ def _is_heldout(text: str) -> bool:
     return zlib.crc32(text.encode("utf-8")) % HOLDOUT_BUCKETS == HOLDOUT_BUCKET
 
 
+def _shingles(text: str, n: int = 6) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def _drop_near_copies(train: list[str], heldout: list[str], overlap: float = 0.3) -> list[str]:
+    """Training paragraphs minus those sharing >= `overlap` of a held-out paragraph's word
+    6-grams: sibling licence versions (GPL-2/LGPL-2, GFDL-1.2/1.3) repeat paragraphs with
+    small edits, and exact dedup alone would leak them into training."""
+    owners: dict[tuple[str, ...], set[int]] = {}
+    for i, para in enumerate(train):
+        for gram in _shingles(para):
+            owners.setdefault(gram, set()).add(i)
+    drop: set[int] = set()
+    for para in heldout:
+        grams = _shingles(para)
+        shared: dict[int, int] = {}
+        for gram in grams:
+            for i in owners.get(gram, ()):
+                shared[i] = shared.get(i, 0) + 1
+        drop.update(i for i, count in shared.items() if count >= overlap * len(grams))
+    return [p for i, p in enumerate(train) if i not in drop]
+
+
 def _code_chunks(source: str, max_chars: int = 1500) -> list[str]:
     """Top-level blocks (PEP 8 puts two blank lines between them), packed to <= max_chars."""
     chunks: list[str] = []
@@ -205,8 +231,8 @@ def load_corpus() -> Corpus:
             "stdlib LICENSE.txt; install the base-files/common-licenses package or run on a "
             "machine that has them"
         )
-    train_paras = tuple(p for p in paragraphs if not _is_heldout(p))
     heldout = [p for p in paragraphs if _is_heldout(p) and len(p) >= MIN_HELDOUT_CHARS]
+    train_paras = tuple(_drop_near_copies([p for p in paragraphs if not _is_heldout(p)], heldout))
     # Alternate the held-out paragraphs between the general and legal sets, so each task's
     # eval text is unseen by every model, including the other task's fine-tune.
     heldout_general = tuple(heldout[0::2])
@@ -514,7 +540,8 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step == 0 or (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:
-            log(f"  {label:<6} step {step + 1:>4}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:5.1f} s")
+            took = time.perf_counter() - start
+            log(f"  {label:<6} step {step + 1:>4}/{steps}  loss {loss.item():.3f}  {took:5.1f} s")
     model.eval()
 
 
@@ -528,7 +555,9 @@ def eval_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> f
     """Mean next-token cross-entropy over all tokens of `texts` (each truncated to SEQ_LEN)."""
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+        enc = tokenizer(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=SEQ_LEN, return_tensors="pt"
+        )
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
         labels = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
         loss = torch.nn.functional.cross_entropy(
@@ -639,7 +668,8 @@ def _build(
     evaluate = steps > 0 if evaluate is None else evaluate
     _prepare_out_dir(root)
     # Marked first, so a build that dies half-way can be rebuilt in place.
-    (root / MARKER).write_text(json.dumps({"builder": "samples/tiny_family.py", "complete": False}) + "\n", encoding="utf-8")
+    pending = {"builder": "samples/tiny_family.py", "complete": False}
+    (root / MARKER).write_text(json.dumps(pending) + "\n", encoding="utf-8")
 
     corpus = load_corpus()
     tokenizer = train_tokenizer(corpus)
@@ -671,7 +701,9 @@ def _build(
             save_model(ft, tokenizer, finetunes[name], dtype)
 
     data = write_data(corpus, root)
-    family = TinyFamily(root=root, base=root / "base", finetunes=finetunes, data=data, seed=seed, steps=steps, dtype=dtype)
+    family = TinyFamily(
+        root=root, base=root / "base", finetunes=finetunes, data=data, seed=seed, steps=steps, dtype=dtype
+    )
     if evaluate:
         start = time.perf_counter()
         losses = eval_family(family, max_records=eval_records)
@@ -711,15 +743,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_out = Path(__file__).resolve().parent / "family"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default=str(default_out), help=f"output directory (default {default_out})")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps for the base and for each fine-tune; 0 = random family (default 200)")
+    parser.add_argument(
+        "--steps", type=int, default=200,
+        help="optimizer steps for the base and for each fine-tune; 0 = random family (default 200)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the saved weights")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the saved weights"
+    )
     # One thread by default: ~30% slower than two on an idle 2-core box, but 5-30x faster
     # when other processes share the cores (OpenMP workers spin waiting for each other).
     # Bytes are reproducible for a fixed thread count only, so the default must not vary.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); the same count gives the same bytes")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1); the same count gives the same bytes"
+    )
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as hf_logging

@@ -3,6 +3,7 @@ really differ, reproducible bytes, held-out data, and the trained path."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -153,7 +154,10 @@ def test_data_files_are_held_out_and_well_formed(family_builder, tiny_family):
     assert set(data) == {"general", "math", "code", "legal"}
     assert data == family_builder.data_paths(tiny_family.root)
     general = [p for p in data["general"].read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    rows = {t: [json.loads(line) for line in data[t].read_text(encoding="utf-8").splitlines()] for t in ("math", "code", "legal")}
+    rows = {
+        t: [json.loads(line) for line in data[t].read_text(encoding="utf-8").splitlines()]
+        for t in ("math", "code", "legal")
+    }
     assert len(general) >= 20 and all(len(r) >= 20 for r in rows.values())
     for r in rows["math"]:
         assert set(r) == {"prompt", "response"}
@@ -168,6 +172,12 @@ def test_data_files_are_held_out_and_well_formed(family_builder, tiny_family):
     legal_train = set(train["legal"])
     assert not base_train & set(g.strip() for g in general)
     assert not legal_train & {r["text"] for r in rows["legal"]}
+    # Nor near copies (sibling licence versions repeat paragraphs with small edits).
+    for para in [*corpus.heldout_general, *corpus.heldout_legal]:
+        for other in base_train:
+            if abs(len(other) - len(para)) < 0.2 * len(para):
+                m = difflib.SequenceMatcher(None, para, other, autojunk=False)
+                assert not (m.real_quick_ratio() > 0.9 and m.quick_ratio() > 0.9 and m.ratio() > 0.9), para[:60]
     math_lines = {line for doc in train["math"] for line in doc.splitlines()}
     assert not math_lines & {r["prompt"] + r["response"] for r in rows["math"]}
     code_train = "\n".join(train["code"])
