@@ -21,6 +21,9 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     family = Path(argv[0])
     texts = {t: [record_text(r) for r in read_records(p)][:MAX_RECORDS] for t, p in data_paths(family).items()}
