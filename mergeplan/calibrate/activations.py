@@ -135,7 +135,9 @@ class ActivationCollector:
                 buf.copy_(x2).abs_()
             res["abs"] = w @ buf
         if "sq" in self.kinds:
-            if same:
+            if "abs" in self.kinds:
+                buf.square_()  # |x|^2 = x^2, without reading x again
+            elif same:
                 torch.mul(x2, x2, out=buf)
             else:
                 buf.copy_(x2).square_()

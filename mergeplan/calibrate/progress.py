@@ -1,7 +1,12 @@
-"""Progress on stderr: one bar per model pass, advanced per batch; silent with quiet."""
+"""Calibration progress on stderr: one bar per model pass, advanced per batch.
+
+On a terminal, rich bars; otherwise (logs, CI, nohup) one plain line per finished pass, like
+the rest of mergeplan's progress output. Nothing at all with quiet.
+"""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -10,29 +15,45 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class CalibProgress:
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            disable=quiet,
-        )
+        self.console = console or Console(stderr=True)
+        self.tty = self.console.is_terminal
+        self._progress: Progress | None = None
+        if not quiet and self.tty:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
 
     def __enter__(self) -> "CalibProgress":
-        self._progress.start()
+        if self._progress is not None:
+            self._progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.stop()
+        if self._progress is not None:
+            self._progress.stop()
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Callable[[], None]]:
-        tid = self._progress.add_task(description, total=total)
-        yield lambda: self._progress.advance(tid)
+        if self.quiet:
+            yield lambda: None
+            return
+        if self._progress is not None:
+            tid = self._progress.add_task(description, total=total)
+            yield lambda: self._progress.advance(tid)
+            return
+        done = [0]
+        t0 = time.perf_counter()
 
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            self._progress.console.print(message)
+        def advance() -> None:
+            done[0] += 1
+
+        yield advance
+        self.console.print(
+            f"calibrate: {description}: {done[0]}/{total} in {time.perf_counter() - t0:.1f}s", highlight=False
+        )
