@@ -151,3 +151,13 @@ def test_fine_tune_shipping_another_tokenizer(family, tmp_path):
 def test_unknown_model_in_per_model_data(family):
     with pytest.raises(MergeplanError, match=r"calibration.data names 'maths', which is not a model"):
         _guides(family, data={"maths": "math.jsonl"})
+
+
+def test_abs_product_sum_in_chunks(monkeypatch):
+    from mergeplan.calibrate import gradients
+
+    monkeypatch.setattr(gradients, "CHUNK", 7)  # chunks that do not divide the size
+    g = torch.Generator().manual_seed(1)
+    p, gr = torch.randn(5, 9, generator=g).bfloat16(), torch.randn(5, 9, generator=g).bfloat16()
+    want = np.abs(p.double().numpy() * gr.double().numpy()).sum()
+    assert float(gradients.abs_product_sum(p, gr)) == pytest.approx(want, rel=1e-6)

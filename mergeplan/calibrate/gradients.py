@@ -15,10 +15,28 @@ from mergeplan.errors import MergeplanError
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from 0..t, over targets that are not padding."""
+    # with accelerate's device_map the logits may come back on another device than the inputs
+    ids, mask = ids.to(logits.device), mask.to(logits.device)
     target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100
     )
+
+
+# Elements per float32 chunk: bounds the transient copies of a bf16 embedding (hundreds of
+# millions of elements) to a few hundred MB instead of two float32 copies of the whole matrix.
+CHUNK = 1 << 24
+
+
+def abs_product_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum |p * g| in float32, in chunks."""
+    pf, gf = p.reshape(-1), g.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=p.device)
+    for start in range(0, pf.numel(), CHUNK):
+        a = pf[start : start + CHUNK].to(torch.float32)
+        b = gf[start : start + CHUNK].to(torch.float32)
+        total += torch.linalg.vector_norm(a * b, ord=1)
+    return total
 
 
 class SensitivityCollector:
@@ -50,10 +68,7 @@ class SensitivityCollector:
 
     def _hook(self, i: int):
         def consume(p: torch.Tensor) -> None:
-            g = p.grad
-            self.acc[i] += torch.linalg.vector_norm(
-                p.detach().to(torch.float32) * g.to(torch.float32), ord=1
-            )
+            self.acc[i] += abs_product_sum(p.detach(), p.grad)
             p.grad = None
 
         return consume

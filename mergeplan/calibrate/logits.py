@@ -58,6 +58,6 @@ class LogitStore:
 
 
 def distance_sum(current: torch.Tensor, stored: np.ndarray) -> float:
-    """Sum over rows (tokens) of the L2 distance between two logit rows, in float32 then float64."""
+    """Sum over rows (tokens) of the L2 distance between two logit rows (float32; no float64 on MPS)."""
     ref = torch.from_numpy(stored).to(current.device)
-    return float(torch.linalg.vector_norm(current.float() - ref, ord=2, dim=-1).double().sum())
+    return float(torch.linalg.vector_norm(current.float() - ref, ord=2, dim=-1).sum())

@@ -42,7 +42,7 @@ def activation_pass(
             out = model(input_ids=ids, attention_mask=mask)
             col.end_batch()
             if sink is not None:
-                sink(b, out.logits[mask.bool()])
+                sink(b, out.logits[mask.to(out.logits.device).bool()])
             del out
             advance()
         return col.result()
@@ -56,7 +56,7 @@ def logits_pass(
         for b, (ids, mask) in enumerate(batches):
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
-            valid = logits[mask.bool()]
+            valid = logits[mask.to(logits.device).bool()]
             if not bool(torch.isfinite(valid).all()):
                 raise _nonfinite(model, ids, mask, label, "logits")
             sink(b, valid)
@@ -93,7 +93,7 @@ def sensitivity_pass(
                 if not bool(torch.isfinite(loss.detach())):
                     raise _nonfinite(model, ids, mask, label, f"loss on batch {b}")
                 if sink is not None:
-                    sink(b, logits.detach()[mask.bool()])
+                    sink(b, logits.detach()[mask.to(logits.device).bool()])
                 sens.backward(loss, f"batch {b}")
                 del logits, loss
                 advance()
