@@ -107,7 +107,9 @@ def _guide(name: str, raw: Any) -> Any:
                 f"{where}: gamma ({o.gamma}) must not exceed epsilon ({o.epsilon}); they bound the density"
             )
         if "wanda_sparsity" in vals and not o.wanda_prune:
-            raise MergeplanError(f"{where}.wanda_sparsity has no effect without wanda_prune: true; drop it or enable pruning")
+            raise MergeplanError(
+                f"{where}.wanda_sparsity has no effect without wanda_prune: true; drop it or enable pruning"
+            )
         return o
     if name == "aim":
         return AimOptions(omega=_number(f"{where}.omega", vals.get("omega", 0.4), 0.0, 1.0))

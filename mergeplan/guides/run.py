@@ -182,7 +182,8 @@ def run_guides(
         raise MergeplanError(f"model ids must be distinct (base {base.id!r}, fine-tunes {ids})")
     if opts.sens and len(models) < 2:
         raise MergeplanError(
-            "guides.sens balances fine-tunes against each other and needs at least two; drop sens for a single fine-tune"
+            "guides.sens balances fine-tunes against each other and needs at least two; "
+            "drop sens for a single fine-tune"
         )
     sources = _assign_sources(settings, base.id, ids, opts)
     dev = resolve_device(device if device and device != "auto" else settings.device)
@@ -198,7 +199,8 @@ def run_guides(
     for m in models:
         check_vocabulary(m.id, Path(m.path), vsize, vocab)
 
-    needed = list(dict.fromkeys(([*sources.per_model.values()] if (opts.lewis or opts.sens) else []) + (sources.aim if opts.aim else [])))
+    task_data = list(sources.per_model.values()) if (opts.lewis or opts.sens) else []
+    needed = list(dict.fromkeys(task_data + (sources.aim if opts.aim else [])))
     sets = {src: load_calib_set(src, recipe_dir, tokenizer, settings.samples, settings.seq_len) for src in needed}
     stored = stored_tensor_names(base.path)
     notes = list(sources.notes)
@@ -399,7 +401,8 @@ class _Run:
                 fst = self.ft_stats[mid]
                 score_base[mid] = {n: lewis_math.wanda_score(bcs[n], bst.mean("sq", n)) for n in mods}
                 score_ft[mid] = {n: lewis_math.wanda_score(fst.col_sq[n], fst.mean("sq", n)) for n in mods}
-            r = lewis_math.decide(mods, score_base, score_ft, o.lewis.gamma, o.lewis.epsilon, o.lewis.scaling, self.stored)
+            lw = o.lewis
+            r = lewis_math.decide(mods, score_base, score_ft, lw.gamma, lw.epsilon, lw.scaling, self.stored)
             dec.densities = r["densities"]
             merge_stats(r["tensor_stats"])
             dec.plan_stats["lewis"] = r["plan_stats"]
