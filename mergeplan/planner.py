@@ -122,7 +122,13 @@ def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions) -> 
         for t, mp in zip(task_ids, per_model):
             source = {"weight": "recipe"}
             if decisions is not None and t in decisions.densities.get(name, {}):
-                mp["density"] = float(decisions.densities[name][t])
+                d = float(decisions.densities[name][t])
+                if spec.mask_kind == "nm":
+                    # CABS keeps n of every m: LEWIS's density becomes the nearest n (at least 1).
+                    m = int(gp["m"])
+                    mp["n"] = min(m, max(1, round(d * m)))
+                else:
+                    mp["density"] = d
                 source["density"] = "lewis"
             elif "density" in mp or "n" in mp:
                 source["density"] = "recipe"
@@ -179,6 +185,12 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
     opts = opts or PlanOptions()
     if recipe.merge_method not in METHODS:
         raise MergeplanError(f"unknown merge_method {recipe.merge_method!r}; known: {', '.join(sorted(METHODS))}")
+    notes = list(recipe.notes)
+    if recipe.guides or recipe.calibration:
+        from .guides import validate_guides
+
+        # Refuse senseless combinations before any model is opened or calibrated.
+        notes += validate_guides(recipe.guides, recipe.calibration, recipe.merge_method)
     inp = _open_models(recipe, opts)
     try:
         names = _check_tensor_tables(inp)
@@ -210,7 +222,7 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
             stats=decisions.plan_stats if decisions else {},
             aux_files=inp.dirs[(inp.base or inp.tasks[0]).id].aux_files(),
             max_shard_size=recipe.max_shard_size or _DEFAULT_SHARD,
-            notes=list(recipe.notes),
+            notes=notes,
             mergeplan_version=__version__,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )

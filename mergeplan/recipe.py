@@ -64,7 +64,7 @@ METHOD_NAMES: tuple[str, ...] = (
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 GUIDE_NAMES = ("lewis", "aim", "sens")
-CALIBRATION_KEYS = ("data", "samples", "seq_len", "batch_size", "device")
+CALIBRATION_KEYS = ("data", "samples", "seq_len", "batch_size", "device", "dtype", "tokenizer")
 
 # mergekit 0.1.5's parameter names per method (merge_methods/linear.py and
 # generalized_task_arithmetic.py). A name mergekit accepts but the mergeplan method does

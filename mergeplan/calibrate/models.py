@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mergeplan.devices import pick_device
 from mergeplan.errors import MergeplanError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,19 +19,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     """"auto" -> cuda, then mps, then cpu. An explicit device that is not there is an error."""
     if isinstance(spec, torch.device):
         return spec
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeplanError(f"calibration device {spec} asked for, but torch sees no CUDA device; use auto or cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MergeplanError(f"calibration device {spec} asked for, but MPS is not available; use auto or cpu")
-    return dev
+    return pick_device(spec)
 
 
 def compute_dtype(choice: str, device: torch.device, path: Path) -> torch.dtype:

@@ -66,7 +66,8 @@ class TensorPlan:
     source: str | None = None  # model id, for OP_COPY
     params: dict[str, Any] = field(default_factory=dict)  # resolved method params: lambda, normalize, ...
     contributions: list[Contribution] = field(default_factory=list)
-    # AIM relaxation: {"kind": "aim", "omega": float, "axis": int, "factors": float32 array}.
+    # AIM relaxation: {"kind": "aim", "omega": float, "axis": int, "scores": float32 array};
+    # apply scales the merged delta by f = 1 - scores * (1 - omega) along `axis`.
     relax: dict[str, Any] | None = None
     # Guide statistics behind the decisions, for review: scalars and small arrays.
     stats: dict[str, Any] = field(default_factory=dict)
