@@ -181,8 +181,9 @@ def run_child(cmd: list[str], label: str, env: dict | None = None) -> dict:
     if p.returncode != 0:
         sys.stderr.write(out.decode(errors="replace")[-4000:])
         raise SystemExit(f"{label} failed (exit {p.returncode}): {' '.join(cmd)}")
-    res = {"label": label, "wall_s": wall, "rss": usage.ru_maxrss * 1024}
-    print(f"  {label:28s} {wall:8.1f} s  peak RSS {res['rss'] / 2**30:.2f} GiB", flush=True)
+    res = {"label": label, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss * 1024}
+    print(f"  {label:28s} {wall:8.1f} s  cpu {res['cpu_s']:7.1f} s  peak RSS {res['rss'] / 2**30:.2f} GiB "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
     return res
 
 
@@ -315,15 +316,15 @@ def table(results: dict[str, dict], nbytes: int, scale: int, threads: list[int])
     copy = results.get("copy")
     mk = results.get("mergekit")
     rows = [f"Family: base + 3 fine-tunes, {nbytes / 4e9:.2f} GB bf16 each (scale {scale}); TIES density 0.5.", "",
-            "| run | wall s | peak RSS GiB | input GB/s | time / copy floor | speed-up vs mergekit | RSS / mergekit |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "| run | wall s | CPU s | peak RSS GiB | input GB/s | time / copy floor | speed-up vs mergekit | RSS / mergekit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key in ["copy", "plan", "plan_fast"] + [f"apply_t{t}" for t in threads] + ["mergekit"]:
         r = results.get(key)
         if r is None:
             continue
         wall, rss = r["wall_s"], r["rss"]
-        rows.append("| {} | {:.1f} | {:.2f} | {:.2f} | {} | {} | {} |".format(
-            names[key], wall, rss / 2**30, nbytes / wall / 1e9,
+        rows.append("| {} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {} | {} | {} |".format(
+            names[key], wall, r.get("cpu_s", float("nan")), rss / 2**30, nbytes / wall / 1e9,
             f"{wall / copy['wall_s']:.1f}x" if copy else "-",
             f"{mk['wall_s'] / wall:.1f}x" if mk else "-",
             f"{rss / mk['rss']:.2f}" if mk else "-"))

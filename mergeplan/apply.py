@@ -22,10 +22,10 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from . import __version__, malloc
 from .errors import MergeplanError
 from .execute import TensorInputs, check_finite, run_tensor
-from .stream import CHUNK, FileDescriptors, FileSlices, MemorySlices, run_streamed, streamable
+from .stream import CHUNK, FileDescriptors, FileSlices, run_streamed, streamable
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards
@@ -35,10 +35,6 @@ from .plan.codec import plan_digest
 from .plan.model import Plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
-
-# Streamed tensors whose inputs take at most this many bytes together are read whole once
-# (the passes then slice memory); larger ones are read slice by slice from the shards.
-_IN_MEMORY_INPUTS = 96 << 20
 
 
 @dataclass
@@ -156,6 +152,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
         where = {t.name: l.file for l in layouts for t in l.tensors}
 
+        malloc.return_large_blocks()  # freed tensor buffers leave RSS (see malloc.py)
         budget = _Budget(opts.memory_budget)
         fds = FileDescriptors()
         base_id = plan.base.id if plan.base else None
@@ -168,20 +165,15 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             stream = on_cpu and streamable(plan, tp)
             with budget.claim(_working_set(tp, out_dtype, nbytes, stream, len(ids))):
                 if stream:
-                    ins = [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions]
-                    models = [base_id] + [c.model for c in tp.contributions]
-                    if nbytes <= _IN_MEMORY_INPUTS:
-                        # Read once, sliced from memory by each of the passes over the tensor.
-                        src = MemorySlices(ins[0].read(tp.name) if ins[0] else None,
-                                           [d.read(tp.name) for d in ins[1:]], models)
-                    else:
-                        src = FileSlices(tp.name, ins, models, fds)
+                    src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
+                                     [base_id] + [c.model for c in tp.contributions], fds)
                     result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK)
-                    del src
                 else:
                     result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
                 writers[where[tp.name]].write(tp.name, result)
                 del result
+            if nbytes >= 64 << 20:
+                malloc.trim()  # after the largest tensors, give back what their slices left free
             with lock:
                 state["done"] += 1
                 state["bytes"] += nbytes
@@ -249,13 +241,13 @@ def _whole(plan: Plan, tp, dirs: dict[str, ModelDir], device: torch.device, base
     return run_tensor(plan, tp, TensorInputs(base, tensors))
 
 
-def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, stream: bool, models: int) -> int:
+def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, streamed: bool, models: int) -> int:
     """Rough peak bytes of one tensor in flight. Streamed: the output buffer plus slices.
     Whole: the inputs plus float32 copies (base, deltas, masks, merge temporaries)."""
     n = _numel(tp.shape)
     out = n * torch.empty((), dtype=out_dtype).element_size()
-    if stream:
-        return out + 64 * CHUNK * (models + 2) + (input_bytes if input_bytes <= _IN_MEMORY_INPUTS else 0)
+    if streamed:
+        return out + 64 * CHUNK * (models + 2)
     return out + input_bytes + 4 * n * (2 * models + 4)
 
 

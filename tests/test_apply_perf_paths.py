@@ -269,8 +269,7 @@ def test_apply_streamed_equals_whole_path_and_threads(tiny_family_bf16, tmp_path
         return real(*a, **k)
 
     monkeypatch.setattr(apply_mod, "run_streamed", counting)
-    apply_plan(plan, tmp_path / "s1", ApplyOptions(threads=1, chunk=1000))  # inputs read whole, sliced in memory
-    monkeypatch.setattr(apply_mod, "_IN_MEMORY_INPUTS", 0)  # every slice pread from the shards
+    apply_plan(plan, tmp_path / "s1", ApplyOptions(threads=1, chunk=1000))
     apply_plan(plan, tmp_path / "s2", ApplyOptions(threads=2, chunk=777, memory_budget=1))
     assert calls["stream"] == 2 * sum(t.op == "merge" for t in plan.tensors)
     monkeypatch.setattr(apply_mod, "streamable", lambda plan, tp: False)
@@ -302,3 +301,16 @@ def test_file_slices_read_ranges_and_name_a_truncated_shard(tmp_path):
     finally:
         fds.close()
         md.close()
+
+
+def test_malloc_settings_take_on_glibc():
+    import platform
+
+    from mergeplan import malloc
+
+    took = malloc.return_large_blocks()
+    malloc.trim()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert took
+    else:
+        assert took is False
