@@ -36,6 +36,11 @@ from .plan.model import Plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
 
+# Streamed tensors whose inputs take at most this many bytes together are read whole once
+# into a per-thread buffer (every pass then slices memory); larger ones are read slice by
+# slice from the shards in every pass.
+_IN_MEMORY_INPUTS = 96 << 20
+
 
 @dataclass
 class ApplyOptions:
@@ -155,6 +160,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         malloc.return_large_blocks()  # freed tensor buffers leave RSS (see malloc.py)
         budget = _Budget(opts.memory_budget)
         fds = FileDescriptors()
+        workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
         base_id = plan.base.id if plan.base else None
         on_cpu = opts.device.type == "cpu"
 
@@ -167,7 +173,15 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
                 if stream:
                     src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
                                      [base_id] + [c.model for c in tp.contributions], fds)
-                    result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK)
+                    out_buf = None
+                    if src.nbytes() <= _IN_MEMORY_INPUTS:
+                        # Mid-size tensors: inputs read once into this thread's reused buffers
+                        # (fresh ones would fault in page by page for every tensor).
+                        ws = workspaces.setdefault(threading.get_ident(), {})
+                        src = src.in_memory(_grown(ws, "in", torch.uint8, src.nbytes()))
+                        out_buf = _grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape))
+                    result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
+                    del src
                 else:
                     result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
                 writers[where[tp.name]].write(tp.name, result)
@@ -225,6 +239,15 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         raise
 
 
+def _grown(ws: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """ws[key], replaced by a larger buffer when it holds fewer than numel elements."""
+    buf = ws.get(key)
+    if buf is None or buf.numel() < numel:
+        ws.pop(key, None)
+        buf = ws[key] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
 def _whole(plan: Plan, tp, dirs: dict[str, ModelDir], device: torch.device, base_id: str | None) -> torch.Tensor:
     """The whole-tensor path: every input in memory at once (masks that need the whole
     tensor, copies, non-CPU devices)."""
@@ -247,7 +270,7 @@ def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, streamed: bool, m
     n = _numel(tp.shape)
     out = n * torch.empty((), dtype=out_dtype).element_size()
     if streamed:
-        return out + 64 * CHUNK * (models + 2)
+        return out + 64 * CHUNK * (models + 2) + (input_bytes if input_bytes <= _IN_MEMORY_INPUTS else 0)
     return out + input_bytes + 4 * n * (2 * models + 4)
 
 

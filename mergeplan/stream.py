@@ -10,9 +10,10 @@ of run_tensor, in the same order; only the way the work is cut differs.
 - Magnitude masks (ties, breadcrumbs) need the whole tensor only to find a threshold:
   the k largest keys |d| (float32 bits as int32, select.py's key), equal keys: lower
   flat index first. That set is found exactly by counting, slice by slice: a histogram
-  of the high 15 bits, then of the low 16 bits of the boundary bucket, then (only with
-  ties at the boundary) the index of the last tie kept. It equals topk_mask's set by
-  definition, and the recomputed digests are checked against the plan as before.
+  of the high 15 bits, then the boundary bucket's entries (low 16 bits, flat index),
+  which give the exact threshold and the last tie kept (class TopK). It equals
+  topk_mask's set by definition, and the recomputed digests are checked against the
+  plan as before.
 - Bernoulli masks draw the key's generator slice after slice; torch.rand's CPU stream
   is sequential, so the concatenated draws equal one draw of the whole shape.
 - The merge is elementwise. By default each slice goes through the fused kernel below,
@@ -137,20 +138,49 @@ class FileSlices(SliceSource):
         self.has_base = dirs[0] is not None
         self.models = list(models)
         self._fds = fds
+        self._shape: tuple[int, ...] = ()
         self._where = []
         for d in dirs:
             if d is None:
                 self._where.append(None)
                 continue
             info = d.info(name)
+            self._shape = tuple(info.shape)
             dtype = st_to_torch(info.dtype)
             self._where.append((str(d.path / info.file), info.start, dtype, torch.empty((), dtype=dtype).element_size()))
 
     def read(self, index: int, start: int, count: int) -> torch.Tensor:
         path, offset, dtype, size = self._where[index]
         buf = torch.empty(count * size, dtype=torch.uint8)
+        self._read_into(index, start, buf)
+        return buf.view(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of all inputs together (one whole tensor each)."""
+        n = math.prod(self._shape) if self._shape else 0
+        return sum(w[3] * n for w in self._where if w is not None)
+
+    def in_memory(self, buf: torch.Tensor) -> "MemorySlices":
+        """Every input read whole into `buf` (uint8, at least nbytes()): the passes then
+        slice memory instead of reading the shards again."""
+        n = math.prod(self._shape)
+        flat: list[torch.Tensor | None] = []
+        pos = 0
+        for index, w in enumerate(self._where):
+            if w is None:
+                flat.append(None)
+                continue
+            part = buf[pos:pos + n * w[3]]
+            self._read_into(index, 0, part)
+            flat.append(part.view(w[2]))
+            pos += n * w[3]
+        return MemorySlices(flat[0], flat[1:], self.models)
+
+    def _read_into(self, index: int, start: int, buf: torch.Tensor) -> None:
+        path, offset, dtype, size = self._where[index]
         mv = memoryview(buf.numpy())
         fd = self._fds.get(path)
+        count = buf.numel() // size
         pos, done, total = offset + start * size, 0, count * size
         try:
             while done < total:
@@ -162,7 +192,6 @@ class FileSlices(SliceSource):
                 done += n
         except OSError as e:
             raise MergeplanError(f"cannot read tensor {self.name!r} from {path}: {e.strerror}") from None
-        return buf.view(dtype)
 
 
 # ---- exact top-k by counting ---------------------------------------------------------------
@@ -193,7 +222,8 @@ class TopK:
         self.n, self.k = n, k
         self.threshold, self.cut = -1, n  # k == n: every key > -1
         self.stage = "done"
-        self._keep_limit = max(1 << 20, n // 16) if keep_limit is None else keep_limit
+        # Boundary entries kept for the tie cut (12 bytes each); beyond, a third pass.
+        self._keep_limit = 2 << 20 if keep_limit is None else keep_limit
         if k == 0:
             self.threshold = (1 << 31) - 1  # nothing is above the largest key
         elif k < n:
@@ -205,13 +235,18 @@ class TopK:
             self._counts += torch.bincount(key >> 16, minlength=_HIGH_BINS).numpy()
         elif self.stage == "low":
             idx = torch.nonzero((key >> 16) == self._bucket).reshape(-1)
-            if idx.numel():
-                self._lows.append(key[idx] & 0xFFFF)
-                self._kept += idx.numel()
-                if self._idx is not None and self._kept <= self._keep_limit:
-                    self._idx.append(idx + start)
-                else:
-                    self._idx = None  # too many to keep: a third pass finds the cut
+            if not idx.numel():
+                return
+            low = key[idx] & 0xFFFF
+            if self._idx is None:
+                self._counts += torch.bincount(low, minlength=_LOW_BINS).numpy()
+                return
+            self._lows.append(low)
+            self._idx.append(idx + start)
+            self._kept += idx.numel()
+            if self._kept > self._keep_limit:  # too many to keep: count, and cut ties in a third pass
+                self._counts = torch.bincount(torch.cat(self._lows), minlength=_LOW_BINS).numpy()
+                self._lows = self._idx = None
         elif self.stage == "cut" and self._seen < self._ties:
             tie = key == self.threshold
             found = int(tie.sum())
@@ -229,8 +264,11 @@ class TopK:
             else:
                 self._lows, self._idx, self._kept, self.stage = [], [], 0, "low"
         elif self.stage == "low":
-            lows = torch.cat(self._lows)
-            t, above, equal = _bucket_from_top(torch.bincount(lows, minlength=_LOW_BINS).numpy(), self._need)
+            if self._idx is not None:
+                lows = torch.cat(self._lows) if self._lows else torch.zeros(0, dtype=torch.int32)
+                self._counts = torch.bincount(lows, minlength=_LOW_BINS).numpy()
+            t, above, equal = _bucket_from_top(self._counts, self._need)
+            del self._counts
             self.threshold = (self._bucket << 16) | t
             ties = self._need - above
             if ties == equal:  # every key equal to the threshold stays
@@ -459,8 +497,12 @@ def _slices(shape: tuple[int, ...], chunk: int, whole_rows: bool):
 
 
 def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.dtype,
-                 chunk: int = CHUNK, check_digests: bool = True, fused: bool = True) -> torch.Tensor:
+                 chunk: int = CHUNK, check_digests: bool = True, fused: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """run_tensor(plan, tp, inputs).to(out_dtype) computed slice by slice: same bytes.
+
+    `out`: a 1-D buffer of out_dtype with at least numel elements to fill (reused
+    between tensors by apply), else a new tensor.
 
     Raises the same errors: non-finite inputs (MergeplanError naming the model), a
     recomputed mask that misses the plan's digest (InputMismatchError)."""
@@ -505,7 +547,7 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
     if fused and _fused_ok(plan.method, tp.params, weights) and _probe(
             plan.method, tp.params, weights, scales, [m is not None for m in masks]):
         kernel = _Fused(plan.method, tp.params, scales, weights)
-    out = torch.empty(n, dtype=out_dtype)
+    out = torch.empty(n, dtype=out_dtype) if out is None else out[:n]
     bad = False
     for start, count in slices:
         b32, deltas = _deltas(src, start, count, everyone)

@@ -141,7 +141,7 @@ def _numpy_topk(keys: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-@pytest.mark.parametrize("keep_limit", [None, 0])  # 0: boundary entries not kept, a third pass cuts ties
+@pytest.mark.parametrize("keep_limit", [None, 0, 50])  # 0, 50: boundary entries (partly) not kept, a third pass cuts ties
 @pytest.mark.parametrize("dist", ["floats", "heavy_ties", "one_bucket"])
 def test_topk_counts_match_a_stable_sort(dist, keep_limit):
     rng = np.random.default_rng(7)
