@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,9 +50,9 @@ class ApplyOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress | None = None
     plan_path: str | None = None
-    # Working memory the tensors in flight may claim together (estimates; see _Budget). A
-    # tensor larger than the budget still runs, alone.
-    memory_budget: int = 1 << 30
+    # Working memory the tensors in flight may claim together (estimates; see _Scheduler
+    # and _working_set). A tensor larger than the budget still runs, alone.
+    memory_budget: int = 400 << 20
     chunk: int = 0  # elements per slice on the streamed path; 0: stream.CHUNK
 
 
@@ -157,37 +156,40 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
         where = {t.name: l.file for l in layouts for t in l.tensors}
 
-        malloc.return_large_blocks()  # freed tensor buffers leave RSS (see malloc.py)
-        budget = _Budget(opts.memory_budget)
+        malloc.return_large_blocks(arenas=opts.threads + 1)  # freed buffers leave RSS (malloc.py)
         fds = FileDescriptors()
         workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
         base_id = plan.base.id if plan.base else None
         on_cpu = opts.device.type == "cpu"
+
+        def cost(tp) -> int:
+            ids = _models_of(plan, tp)
+            nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
+            return _working_set(tp, recipe_to_torch(tp.dtype), nbytes, on_cpu and streamable(plan, tp), len(ids))
 
         def one(tp) -> None:
             out_dtype = recipe_to_torch(tp.dtype)
             ids = _models_of(plan, tp)
             nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
             stream = on_cpu and streamable(plan, tp)
-            with budget.claim(_working_set(tp, out_dtype, nbytes, stream, len(ids))):
-                if stream:
-                    src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
-                                     [base_id] + [c.model for c in tp.contributions], fds)
-                    out_buf = None
-                    if src.nbytes() <= _IN_MEMORY_INPUTS:
-                        # Mid-size tensors: inputs read once into this thread's reused buffers
-                        # (fresh ones would fault in page by page for every tensor).
-                        ws = workspaces.setdefault(threading.get_ident(), {})
-                        src = src.in_memory(_grown(ws, "in", torch.uint8, src.nbytes()))
-                        out_buf = _grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape))
-                    result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
-                    del src
-                else:
-                    result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
-                writers[where[tp.name]].write(tp.name, result)
-                del result
-            if nbytes >= 64 << 20:
-                malloc.trim()  # after the largest tensors, give back what their slices left free
+            if stream:
+                src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
+                                 [base_id] + [c.model for c in tp.contributions], fds)
+                out_buf = None
+                if src.nbytes() <= _IN_MEMORY_INPUTS:
+                    # Mid-size tensors: inputs read once into this thread's reused buffers
+                    # (fresh ones would fault in page by page for every tensor).
+                    ws = workspaces.setdefault(threading.get_ident(), {})
+                    src = src.in_memory(_grown(ws, "in", torch.uint8, src.nbytes()))
+                    out_buf = _grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape))
+                result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
+                del src
+            else:
+                result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
+            writers[where[tp.name]].write(tp.name, result)
+            del result
+            if nbytes >= 16 << 20:
+                malloc.trim()  # give back what this tensor's slices left free in the heaps
             with lock:
                 state["done"] += 1
                 state["bytes"] += nbytes
@@ -201,12 +203,13 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         try:
             # Largest first so the tail of the run is not one huge tensor on one thread.
             order = sorted(plan.tensors, key=lambda t: -_numel(t.shape))
+            sched = _Scheduler([(cost(tp), tp) for tp in order], opts.memory_budget)
             if opts.threads <= 1:
-                for tp in order:
-                    one(tp)
+                sched.work(one)
             else:
                 with ThreadPoolExecutor(max_workers=opts.threads) as ex:
-                    list(ex.map(one, order))
+                    for f in [ex.submit(sched.work, one) for _ in range(opts.threads)]:
+                        f.result()
         finally:
             torch.set_num_threads(prev)
             fds.close()
@@ -270,32 +273,56 @@ def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, streamed: bool, m
     n = _numel(tp.shape)
     out = n * torch.empty((), dtype=out_dtype).element_size()
     if streamed:
-        return out + 64 * CHUNK * (models + 2) + (input_bytes if input_bytes <= _IN_MEMORY_INPUTS else 0)
+        # slices, the boundary-bucket entries TopK keeps (12 bytes each, at most 2M per model),
+        # and for mid-size tensors the inputs held whole
+        slices = 64 * CHUNK * (models + 2)
+        boundary = 12 * min(2 << 20, n // 32) * models
+        return out + slices + boundary + (input_bytes if input_bytes <= _IN_MEMORY_INPUTS else 0)
     return out + input_bytes + 4 * n * (2 * models + 4)
 
 
-class _Budget:
-    """Admits tensors while their estimated working sets fit in `limit` bytes together;
-    one that does not fit waits for others to finish, and one larger than the whole
-    budget runs alone. Keeps several huge tensors from being expanded at once."""
+class _Scheduler:
+    """Hands tensors to workers in the given order, skipping any whose estimated working
+    set does not fit in `limit` beside those in flight (it waits for a later turn, while
+    the worker takes a smaller one); a tensor larger than the whole budget runs alone.
+    Keeps the few huge tensors (embeddings, head) from being expanded at the same time
+    without leaving a worker idle. After a failure, workers stop taking tensors."""
 
-    def __init__(self, limit: int):
+    def __init__(self, jobs: list[tuple[int, object]], limit: int):
+        self._todo = list(jobs)
         self.limit = max(0, int(limit))
         self.used = 0
+        self._failed = False
         self._cond = threading.Condition()
 
-    @contextmanager
-    def claim(self, nbytes: int):
+    def take(self) -> tuple[int, object] | None:
         with self._cond:
-            while self.used and self.used + nbytes > self.limit:
+            while True:
+                if self._failed or not self._todo:
+                    return None
+                for i, (cost, job) in enumerate(self._todo):
+                    if self.used == 0 or self.used + cost <= self.limit:
+                        del self._todo[i]
+                        self.used += cost
+                        return cost, job
                 self._cond.wait()
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.used -= nbytes
-                self._cond.notify_all()
+
+    def finish(self, cost: int, ok: bool = True) -> None:
+        with self._cond:
+            self.used -= cost
+            self._failed |= not ok
+            self._cond.notify_all()
+
+    def work(self, run) -> None:
+        """Run jobs until none is left (or one failed, here or in another worker)."""
+        while (got := self.take()) is not None:
+            cost, job = got
+            ok = False
+            try:
+                run(job)
+                ok = True
+            finally:
+                self.finish(cost, ok)
 
 
 def _numel(shape) -> int:

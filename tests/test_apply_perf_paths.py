@@ -19,7 +19,7 @@ import torch
 import mergeplan.apply as apply_mod
 import mergeplan.stream as stream
 from cli_helpers import write_recipe
-from mergeplan.apply import ApplyOptions, _Budget, apply_plan
+from mergeplan.apply import ApplyOptions, _Scheduler, apply_plan
 from mergeplan.errors import InputMismatchError, MergeplanError
 from mergeplan.execute import TensorInputs, compute_masks, deltas_of, run_tensor
 from mergeplan.methods.masks import mask_digest
@@ -212,34 +212,47 @@ def test_a_changed_merge_rule_disables_the_fused_kernel(monkeypatch):
     assert MaskResult  # imported for the masks above
 
 
-def test_budget_runs_oversized_alone_and_waits_for_room():
-    budget = _Budget(1000)
-    order: list[str] = []
-    first_in = threading.Event()
-    release = threading.Event()
+def test_scheduler_keeps_big_jobs_apart_without_idling_a_worker():
+    """Two huge jobs never run together; the second worker takes the small ones meanwhile,
+    and a job larger than the whole budget still runs (alone)."""
+    sched = _Scheduler([(900, "huge1"), (900, "huge2"), (5000, "giant")] + [(50, f"s{i}") for i in range(6)], 1000)
+    running: set[str] = set()
+    seen: list[set[str]] = []
+    lock = threading.Lock()
 
-    def big():
-        with budget.claim(5000):  # larger than the budget: admitted when nothing else runs
-            order.append("big in")
-            first_in.set()
-            release.wait(5)
-            order.append("big out")
+    def run(job):
+        with lock:
+            running.add(job)
+            seen.append(set(running))
+        time.sleep(0.05 if job.startswith("huge") or job == "giant" else 0.01)
+        with lock:
+            running.discard(job)
 
-    def small():
-        first_in.wait(5)
-        with budget.claim(10):
-            order.append("small in")
+    workers = [threading.Thread(target=sched.work, args=(run,)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(10)
+    done = set().union(*seen)
+    assert done == {"huge1", "huge2", "giant"} | {f"s{i}" for i in range(6)}
+    assert not any({"huge1", "huge2"} <= s for s in seen)
+    assert all(s == {"giant"} for s in seen if "giant" in s)
+    assert any("huge1" in s and len(s) == 2 for s in seen)  # a small job ran beside a huge one
+    assert sched.used == 0
 
-    a, b = threading.Thread(target=big), threading.Thread(target=small)
-    a.start()
-    b.start()
-    time.sleep(0.2)
-    assert order == ["big in"]  # small waits while the oversized one holds the budget
-    release.set()
-    a.join(5)
-    b.join(5)
-    assert order == ["big in", "big out", "small in"]
-    assert budget.used == 0
+
+def test_scheduler_stops_after_a_failure():
+    sched = _Scheduler([(1, i) for i in range(5)], 10)
+    ran = []
+
+    def run(job):
+        ran.append(job)
+        if job == 1:
+            raise MergeplanError("boom")
+
+    with pytest.raises(MergeplanError):
+        sched.work(run)
+    assert ran == [0, 1] and sched.take() is None
 
 
 def _tree(d: Path) -> dict[str, str]:
@@ -308,7 +321,7 @@ def test_malloc_settings_take_on_glibc():
 
     from mergeplan import malloc
 
-    took = malloc.return_large_blocks()
+    took = malloc.return_large_blocks(arenas=3)
     malloc.trim()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert took
