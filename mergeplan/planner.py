@@ -22,6 +22,7 @@ from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.tensors import st_to_torch, torch_to_recipe
 from .methods.masks import mask_digest, overlap_rate
+from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
@@ -150,6 +151,18 @@ def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions) -> 
     return plans
 
 
+def magnitude_cutoff(delta: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    """[threshold, cut] of a magnitude top-k mask: kept = key > threshold, or key ==
+    threshold at a flat index <= cut (key: |delta| float32 bits as int32). Recorded so
+    apply can rebuild the mask in one pass instead of re-counting; apply still checks
+    the rebuilt mask against the digest."""
+    key = magnitude_bits(delta)
+    kept = mask.reshape(-1)
+    threshold = int(key[kept].min())
+    cut = int(torch.nonzero(kept & (key == threshold)).max())
+    return [threshold, cut]
+
+
 def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
     """Compute every mask once; record its digest (and CABS overlap) in the plan."""
     todo = [t for t in plan.tensors if t.op == OP_MERGE]
@@ -165,10 +178,13 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
             check_finite(t, tp.name, c.model)
         if base is None or not any(c.mask for c in tp.contributions):
             return
-        masks = compute_masks(plan, tp, deltas_of(TensorInputs(base, tensors)))
-        for c, m in zip(tp.contributions, masks):
+        deltas = deltas_of(TensorInputs(base, tensors))
+        masks = compute_masks(plan, tp, deltas)
+        for c, m, d in zip(tp.contributions, masks, deltas):
             if c.mask is not None and m is not None:
                 c.mask["digest"] = mask_digest(m.mask)
+                if c.mask["kind"] == "magnitude":
+                    c.mask["cutoff"] = magnitude_cutoff(d, m.mask)
                 tp.stats.setdefault("kept", {})[c.model] = float(m.mask.float().mean())
         real = [m.mask for m in masks if m is not None]
         if len(real) > 1:

@@ -242,6 +242,14 @@ class TopK:
             self.stage = "high"
             self._counts = np.zeros(_HIGH_BINS, dtype=np.int64)
 
+    @classmethod
+    def known(cls, n: int, k: int, threshold: int, cut: int) -> "TopK":
+        """A selection whose boundary the planner already found (the plan's `cutoff`):
+        no counting pass. The mask it gives is still checked against the plan's digest."""
+        top = cls(n, k)
+        top.threshold, top.cut, top.stage = int(threshold), int(cut), "done"
+        return top
+
     def feed(self, key: torch.Tensor, start: int) -> None:
         if self.stage == "high":
             self._counts += torch.bincount(key >> 16, minlength=_HIGH_BINS).numpy()
@@ -377,7 +385,9 @@ def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int,
                   prob=torch.tensor(density, dtype=torch.float32))
     elif kind == "magnitude":
         k = magnitude_keep_count(density, n)
-        m = _Mask(kind, _inverse_scale(k, n) if inverse else None, selections=[TopK(n, k)])
+        cutoff = spec.get("cutoff") if spec.get("digest") else None  # only with a digest to verify it
+        top = TopK.known(n, k, *cutoff) if cutoff is not None else TopK(n, k)
+        m = _Mask(kind, _inverse_scale(k, n) if inverse else None, selections=[top])
     else:
         top, kept = breadcrumbs_window(density, float(spec["gamma"]), n)
         sels = [TopK(n, top + kept)] + ([TopK(n, top)] if top else [])

@@ -109,6 +109,7 @@ def _refresh_digests(t: TensorPlan, loaded: TensorPlan) -> None:
         orig = loaded.contribution(c.model)
         if orig is None or orig.mask is None:
             c.mask["digest"] = None
+            c.mask.pop("cutoff", None)
             continue
         deps = [i] if order is None else order[: order.index(i) + 1] if i in order else [i]
         same = all(
@@ -116,7 +117,14 @@ def _refresh_digests(t: TensorPlan, loaded: TensorPlan) -> None:
             and t.contributions[j].density == loaded.contribution(t.contributions[j].model).density
             for j in deps
         )
-        c.mask["digest"] = orig.mask.get("digest") if same else None
+        # The recorded top-k cutoff pins the mask exactly as the digest does.
+        for key in ("digest", "cutoff"):
+            if same and key in orig.mask:
+                c.mask[key] = orig.mask[key]
+            elif key == "digest":
+                c.mask[key] = None
+            else:
+                c.mask.pop(key, None)
 
 
 class PlanEditor:
