@@ -7,7 +7,9 @@ mask once to record its digest, and fingerprints the inputs. No decision is left
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from .recipe import Recipe
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 _DEFAULT_SHARD = 5_000_000_000
+_BIG = 16 * 1024 * 1024  # elements
 
 
 @dataclass
@@ -165,11 +168,20 @@ def magnitude_cutoff(delta: torch.Tensor, mask: torch.Tensor) -> list[int]:
 
 def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
     """Compute every mask once; record its digest (and CABS overlap) in the plan."""
-    todo = [t for t in plan.tensors if t.op == OP_MERGE]
+    # Largest first; tensors above _BIG elements run one at a time, since each holds every
+    # model's float32 delta at once (a 32k x 4k embedding: 0.5 GB per model).
+    todo = sorted((t for t in plan.tensors if t.op == OP_MERGE), key=lambda t: -math.prod(t.shape))
     done = 0
     total = len(todo)
+    big = threading.Lock()
 
     def one(tp: TensorPlan) -> None:
+        if math.prod(tp.shape) > _BIG:
+            with big:
+                return _one(tp)
+        return _one(tp)
+
+    def _one(tp: TensorPlan) -> None:
         base = inp.dirs[inp.base.id].read(tp.name) if inp.base else None
         tensors = [inp.dirs[c.model].read(tp.name) for c in tp.contributions]
         if base is not None:
