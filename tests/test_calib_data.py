@@ -178,5 +178,5 @@ def test_device_resolution_never_assumes_cuda():
     assert isinstance(dev, torch.device) and dev.type == expected
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(MergeplanError, match="no CUDA device"):
+        with pytest.raises(MergeplanError, match="CUDA is not available"):
             resolve_device("cuda:0")
