@@ -23,7 +23,7 @@ from .execute import TensorInputs, check_finite, compute_masks, deltas_of
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.tensors import st_to_torch, torch_to_recipe
-from .methods.masks import mask_digest, overlap_rate
+from .methods.masks import build_masks, mask_digest, overlap_rate
 from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
 from .plan.model import (
@@ -181,24 +181,46 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
                 return _one(tp)
         return _one(tp)
 
+    def record(tp: TensorPlan, c: Contribution, m, d: torch.Tensor) -> None:
+        c.mask["digest"] = mask_digest(m.mask)
+        if c.mask["kind"] == "magnitude":
+            c.mask["cutoff"] = magnitude_cutoff(d, m.mask)
+        tp.stats.setdefault("kept", {})[c.model] = float(m.mask.float().mean())
+
     def _one(tp: TensorPlan) -> None:
         base = inp.dirs[inp.base.id].read(tp.name) if inp.base else None
-        tensors = [inp.dirs[c.model].read(tp.name) for c in tp.contributions]
         if base is not None:
             check_finite(base, tp.name, inp.base.id)
-        for c, t in zip(tp.contributions, tensors):
-            check_finite(t, tp.name, c.model)
-        if base is None or not any(c.mask for c in tp.contributions):
-            return
-        deltas = deltas_of(TensorInputs(base, tensors))
-        masks = compute_masks(plan, tp, deltas)
-        for c, m, d in zip(tp.contributions, masks, deltas):
-            if c.mask is not None and m is not None:
-                c.mask["digest"] = mask_digest(m.mask)
-                if c.mask["kind"] == "magnitude":
-                    c.mask["cutoff"] = magnitude_cutoff(d, m.mask)
-                tp.stats.setdefault("kept", {})[c.model] = float(m.mask.float().mean())
-        real = [m.mask for m in masks if m is not None]
+        masked = base is not None and any(c.mask for c in tp.contributions)
+        if masked and tp.params.get("cabs_order") is not None:
+            # CABS masks depend on each other: every model's delta at once.
+            tensors = [inp.dirs[c.model].read(tp.name) for c in tp.contributions]
+            for c, t in zip(tp.contributions, tensors):
+                check_finite(t, tp.name, c.model)
+            deltas = deltas_of(TensorInputs(base, tensors))
+            masks = compute_masks(plan, tp, deltas)
+            for c, m, d in zip(tp.contributions, masks, deltas):
+                if c.mask is not None and m is not None:
+                    record(tp, c, m, d)
+            real = [m.mask for m in masks if m is not None]
+        else:
+            # Other masks are per model: one float32 delta in memory at a time. The key
+            # (seed, tensor, model) is the same as in apply's build, so the masks are too.
+            b32 = base.float() if base is not None else None
+            real = []
+            for c in tp.contributions:
+                t = inp.dirs[c.model].read(tp.name)
+                check_finite(t, tp.name, c.model)
+                if not masked or c.mask is None:
+                    continue
+                d = t.float() - b32
+                del t
+                spec = {k: v for k, v in c.mask.items() if k != "digest"}
+                (m,) = build_masks([spec], [d], [(plan.seed, tp.name, c.model)], None)
+                if m is not None:
+                    record(tp, c, m, d)
+                    real.append(m.mask)
+                del d
         if len(real) > 1:
             tp.stats["overlap"] = float(overlap_rate(real))
 
