@@ -6,8 +6,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from mergeplan.cli import main
 
 
@@ -42,4 +40,15 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
-needs_family = pytest.mark.usefixtures("tiny_family")
+
+def family_recipe(path: Path, method: str, base: Path | None, models: dict[Path, str], extra: str = "") -> Path:
+    """A recipe over model directories: `models` maps each path to its inline parameters
+    ("weight: 1.0, density: 0.5"); `extra` adds top-level YAML lines as written."""
+    lines = [f"merge_method: {method}"]
+    if base is not None:
+        lines.append(f"base_model: {base}")
+    lines.append("models:")
+    for model, params in models.items():
+        lines += [f"  - model: {model}", f"    parameters: {{{params}}}"]
+    path.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra).strip() + "\n")
+    return path

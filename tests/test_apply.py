@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cli_helpers import run_cli, write_recipe
+from cli_helpers import family_recipe, run_cli
 from mergeplan.apply import ApplyOptions, apply_plan
 from mergeplan.planner import PlanOptions, build_plan
 from mergeplan.plan.codec import read_plan
@@ -62,17 +62,10 @@ def _plan_apply(recipe_path: Path, out: Path, threads: int = 1):
 
 def test_ties_output_matches_formula(tiny_family, tmp_path):
     fam = tiny_family
-    r = write_recipe(tmp_path / "ties.yaml", f"""
-        merge_method: ties
-        base_model: {fam.base}
-        models:
-          - model: {fam.finetunes['math']}
-            parameters: {{weight: 1.0, density: 0.5}}
-          - model: {fam.finetunes['code']}
-            parameters: {{weight: 0.6, density: 0.7}}
-        parameters: {{normalize: true}}
-        dtype: float32
-    """)
+    r = family_recipe(tmp_path / "ties.yaml", "ties", fam.base,
+                      {fam.finetunes["math"]: "weight: 1.0, density: 0.5",
+                       fam.finetunes["code"]: "weight: 0.6, density: 0.7"},
+                      "parameters: {normalize: true}\ndtype: float32")
     _plan_apply(r, tmp_path / "out")
     base, math, code = (load_all(p) for p in (fam.base, fam.finetunes["math"], fam.finetunes["code"]))
     got = load_all(tmp_path / "out")
@@ -84,16 +77,9 @@ def test_ties_output_matches_formula(tiny_family, tmp_path):
 
 def test_task_arithmetic_matches_formula(tiny_family, tmp_path):
     fam = tiny_family
-    r = write_recipe(tmp_path / "ta.yaml", f"""
-        merge_method: task_arithmetic
-        base_model: {fam.base}
-        models:
-          - model: {fam.finetunes['math']}
-            parameters: {{weight: 0.7}}
-          - model: {fam.finetunes['legal']}
-            parameters: {{weight: -0.2}}
-        parameters: {{lambda: 0.9}}
-    """)
+    r = family_recipe(tmp_path / "ta.yaml", "task_arithmetic", fam.base,
+                      {fam.finetunes["math"]: "weight: 0.7", fam.finetunes["legal"]: "weight: -0.2"},
+                      "parameters: {lambda: 0.9}")
     _plan_apply(r, tmp_path / "out")
     base, a, b = (load_all(p) for p in (fam.base, fam.finetunes["math"], fam.finetunes["legal"]))
     got = load_all(tmp_path / "out")
@@ -105,19 +91,11 @@ def test_task_arithmetic_matches_formula(tiny_family, tmp_path):
 
 def test_apply_is_byte_reproducible_across_threads_and_loads(tiny_family_bf16, tmp_path, capsys):
     fam = tiny_family_bf16
-    r = write_recipe(tmp_path / "dare.yaml", f"""
-        merge_method: dare_ties
-        base_model: {fam.base}
-        models:
-          - model: {fam.finetunes['math']}
-            parameters: {{weight: 1.0, density: 0.5}}
-          - model: {fam.finetunes['code']}
-            parameters: {{weight: 1.0, density: 0.6}}
-          - model: {fam.finetunes['legal']}
-            parameters: {{weight: 0.5, density: 0.4}}
-        seed: 11
-        parameters: {{max_shard_size: 200KB}}
-    """)
+    r = family_recipe(tmp_path / "dare.yaml", "dare_ties", fam.base,
+                      {fam.finetunes["math"]: "weight: 1.0, density: 0.5",
+                       fam.finetunes["code"]: "weight: 1.0, density: 0.6",
+                       fam.finetunes["legal"]: "weight: 0.5, density: 0.4"},
+                      "seed: 11\nparameters: {max_shard_size: 200KB}")
     code, _, err = run_cli(capsys, "plan", r, "-o", tmp_path / "m.plan", "--threads", "2")
     assert code == 0, err
     for name, threads in (("a", 1), ("b", 2), ("c", 2)):
@@ -156,18 +134,9 @@ def test_every_sample_method_runs(tiny_family, tmp_path, capsys):
     base = load_all(fam.base)
     for method, extra in methods.items():
         params = "weight: 0.5" + (", " + extra if extra else "")
-        base_line = "" if method == "linear" else f"base_model: {fam.base}"
-        glob = "parameters: {m: 16}" if method == "cabs" else ""
-        r = write_recipe(tmp_path / f"{method}.yaml", f"""
-            merge_method: {method}
-            {base_line}
-            models:
-              - model: {fam.finetunes['math']}
-                parameters: {{{params}}}
-              - model: {fam.finetunes['code']}
-                parameters: {{{params}}}
-            {glob}
-        """)
+        r = family_recipe(tmp_path / f"{method}.yaml", method, None if method == "linear" else fam.base,
+                          {fam.finetunes["math"]: params, fam.finetunes["code"]: params},
+                          "parameters: {m: 16}" if method == "cabs" else "")
         plan_file = tmp_path / f"{method}.plan"
         code, _, err = run_cli(capsys, "plan", r, "-o", plan_file, "-q")
         assert code == 0, (method, err)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import assert_one_line_error, run_cli, write_recipe
+from cli_helpers import assert_one_line_error, family_recipe, run_cli, write_recipe
 
 
 def copy_family(fam, dst: Path) -> dict[str, Path]:
@@ -24,16 +24,9 @@ def copy_family(fam, dst: Path) -> dict[str, Path]:
 
 
 def ties_recipe(tmp_path: Path, models: dict[str, Path], extra: str = "") -> Path:
-    return write_recipe(tmp_path / "r.yaml", f"""
-        merge_method: ties
-        base_model: {models['base']}
-        models:
-          - model: {models['math']}
-            parameters: {{weight: 1.0, density: 0.5}}
-          - model: {models['code']}
-            parameters: {{weight: 1.0, density: 0.5}}
-        {extra}
-    """)
+    return family_recipe(tmp_path / "r.yaml", "ties", models["base"],
+                         {models["math"]: "weight: 1.0, density: 0.5", models["code"]: "weight: 1.0, density: 0.5"},
+                         extra)
 
 
 def shard_of(model_dir: Path, tensor: str) -> Path:

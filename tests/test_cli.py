@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, write_recipe
+from cli_helpers import assert_one_line_error, family_recipe, run_cli
 from mergeplan import __version__
 from mergeplan.plan import PlanEditor, read_plan
 from test_apply import load_all
@@ -19,16 +19,10 @@ Q = "model.layers.2.self_attn.q_proj.weight"
 @pytest.fixture
 def planned(tiny_family, tmp_path, capsys):
     fam = tiny_family
-    r = write_recipe(tmp_path / "ties.yaml", f"""
-        merge_method: ties
-        base_model: {fam.base}
-        models:
-          - model: {fam.finetunes['math']}
-            parameters: {{weight: 1.0, density: [0.2, 0.8]}}
-          - model: {fam.finetunes['code']}
-            parameters: {{weight: 0.5, density: 0.5}}
-        parameters: {{normalize: true, int8_mask: true}}
-    """)
+    r = family_recipe(tmp_path / "ties.yaml", "ties", fam.base,
+                      {fam.finetunes["math"]: "weight: 1.0, density: [0.2, 0.8]",
+                       fam.finetunes["code"]: "weight: 0.5, density: 0.5"},
+                      "parameters: {normalize: true, int8_mask: true}")
     code, out, err = run_cli(capsys, "plan", r, "-o", tmp_path / "p.plan")
     assert code == 0, err
     assert out.strip().startswith("sha256:")
@@ -110,16 +104,9 @@ def test_cabs_density_edit_applies(tiny_family, tmp_path, capsys):
     """Editing the first model in CABS order changes the later model's mask too; apply
     recomputes both (their digests were dropped) and succeeds."""
     fam = tiny_family
-    r = write_recipe(tmp_path / "cabs.yaml", f"""
-        merge_method: cabs
-        base_model: {fam.base}
-        models:
-          - model: {fam.finetunes['math']}
-            parameters: {{weight: 1.0, n: 4}}
-          - model: {fam.finetunes['code']}
-            parameters: {{weight: 1.0, n: 4}}
-        parameters: {{m: 8, order: [code, math]}}
-    """)
+    r = family_recipe(tmp_path / "cabs.yaml", "cabs", fam.base,
+                      {fam.finetunes["math"]: "weight: 1.0, n: 4", fam.finetunes["code"]: "weight: 1.0, n: 4"},
+                      "parameters: {m: 8, order: [code, math]}")
     code, _, err = run_cli(capsys, "plan", r, "-o", tmp_path / "c.plan", "-q")
     assert code == 0, err
     ed = PlanEditor(read_plan(tmp_path / "c.plan"), str(tmp_path / "c.plan"))

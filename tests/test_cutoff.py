@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cli_helpers import assert_one_line_error, run_cli, write_recipe
+from cli_helpers import assert_one_line_error, family_recipe, run_cli
 from mergeplan.methods.select import magnitude_bits, topk_mask
 from mergeplan.plan import read_plan, write_plan
 from mergeplan.planner import magnitude_cutoff
@@ -31,15 +31,9 @@ def test_cutoff_rebuilds_the_topk_mask_with_ties():
 
 
 def _ties(tmp_path, fam):
-    return write_recipe(tmp_path / "t.yaml", f"""
-        merge_method: ties
-        base_model: {fam.base}
-        models:
-          - model: {fam.finetunes['math']}
-            parameters: {{weight: 1.0, density: 0.3}}
-          - model: {fam.finetunes['code']}
-            parameters: {{weight: 0.7, density: 0.6}}
-    """)
+    return family_recipe(tmp_path / "t.yaml", "ties", fam.base,
+                         {fam.finetunes["math"]: "weight: 1.0, density: 0.3",
+                          fam.finetunes["code"]: "weight: 0.7, density: 0.6"})
 
 
 def test_apply_with_and_without_cutoffs_gives_the_same_bytes(tiny_family_bf16, tmp_path, capsys):
