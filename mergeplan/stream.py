@@ -464,12 +464,8 @@ class _Fused:
             for i in range(e.shape[0]):
                 out += p[i]
             if self.normalize:
-                sq = torch.sign(divisor)
-                divisor += sq.mul_(sq).neg_().add_(1.0)
-                out /= divisor
-        if self.lam != 1.0:
-            out *= _scalar(self.lam)
-        return b32 + out
+                self._normalize(out, divisor)
+        return self._finish(b32, out)
 
     def __call__(self, b32: torch.Tensor, deltas: list[torch.Tensor], maskbits: list[torch.Tensor | None]) -> torch.Tensor | None:
         e = []
@@ -503,10 +499,17 @@ class _Fused:
                     divisor += torch.sign(p).mul_(wi)  # w_i where agreeing, else a zero
                 out += p.mul_(elected)  # adding a zero leaves out (never -0.0) unchanged
             if divisor is not None:
-                # divisor[divisor == 0] = 1: sign(x)^2 is 1 except at 0 (and NaN, which stays NaN).
-                sq = torch.sign(divisor)
-                divisor += sq.mul_(sq).neg_().add_(1.0)
-                out /= divisor
+                self._normalize(out, divisor)
+        return self._finish(b32, out)
+
+    @staticmethod
+    def _normalize(out: torch.Tensor, divisor: torch.Tensor) -> None:
+        # divisor[divisor == 0] = 1: sign(x)^2 is 1 except at 0 (and NaN, which stays NaN).
+        sq = torch.sign(divisor)
+        divisor += sq.mul_(sq).neg_().add_(1.0)
+        out /= divisor
+
+    def _finish(self, b32: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.lam != 1.0:
             out *= _scalar(self.lam)
         return b32 + out
