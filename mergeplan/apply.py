@@ -24,7 +24,7 @@ import torch
 from . import __version__, malloc
 from .errors import MergeplanError
 from .execute import TensorInputs, check_finite, run_tensor
-from .stream import CHUNK, FileDescriptors, FileSlices, run_streamed, streamable
+from .stream import CHUNK, FileSlices, run_streamed, streamable
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards
@@ -157,7 +157,6 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         where = {t.name: l.file for l in layouts for t in l.tensors}
 
         malloc.return_large_blocks(arenas=opts.threads + 1)  # freed buffers leave RSS (malloc.py)
-        fds = FileDescriptors()
         workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
         base_id = plan.base.id if plan.base else None
         on_cpu = opts.device.type == "cpu"
@@ -174,7 +173,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             stream = on_cpu and streamable(plan, tp)
             if stream:
                 src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
-                                 [base_id] + [c.model for c in tp.contributions], fds)
+                                 [base_id] + [c.model for c in tp.contributions])
                 out_buf = None
                 if src.nbytes() <= _IN_MEMORY_INPUTS:
                     # Mid-size tensors: inputs read once into this thread's reused buffers
@@ -212,7 +211,6 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
                         f.result()
         finally:
             torch.set_num_threads(prev)
-            fds.close()
         for w in writers.values():
             w.close()
         write_index(tmp, layouts)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -55,7 +54,6 @@ CHUNK = 1 << 17  # elements per slice: small enough for cache, large enough that
 _HIGH_BINS = 1 << 15
 _LOW_BINS = 1 << 16
 _STREAM_KINDS = ("magnitude", "breadcrumbs", "bernoulli")
-_MAX_READ = 1 << 30
 
 
 # ---- which tensors -------------------------------------------------------------------------
@@ -113,41 +111,14 @@ class MemorySlices(SliceSource):
         return self._flat[index][start:start + count]
 
 
-class FileDescriptors:
-    """Read-only descriptors of shard files, shared by the threads of one apply run."""
-
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def get(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    try:
-                        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    except OSError as e:
-                        raise MergeplanError(f"cannot open {path}: {e.strerror}") from None
-                    self._fds[path] = fd
-        return fd
-
-    def close(self) -> None:
-        with self._lock:
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
-
-
 class FileSlices(SliceSource):
     """One tensor's slices read with pread from each input's shard (page cache, no mmap)."""
 
-    def __init__(self, name: str, dirs: Sequence[ModelDir | None], models: Sequence[str | None], fds: FileDescriptors):
+    def __init__(self, name: str, dirs: Sequence[ModelDir | None], models: Sequence[str | None]):
         self.name = name
         self.has_base = dirs[0] is not None
         self.models = list(models)
-        self._fds = fds
+        self._dirs = list(dirs)
         self._shape: tuple[int, ...] = ()
         self._where = []
         for d in dirs:
@@ -157,10 +128,10 @@ class FileSlices(SliceSource):
             info = d.info(name)
             self._shape = tuple(info.shape)
             dtype = st_to_torch(info.dtype)
-            self._where.append((str(d.path / info.file), info.start, dtype, torch.empty((), dtype=dtype).element_size()))
+            self._where.append((dtype, torch.empty((), dtype=dtype).element_size()))
 
     def read(self, index: int, start: int, count: int) -> torch.Tensor:
-        path, offset, dtype, size = self._where[index]
+        dtype, size = self._where[index]
         buf = torch.empty(count * size, dtype=torch.uint8)
         self._read_into(index, start, buf)
         return buf.view(dtype)
@@ -168,7 +139,7 @@ class FileSlices(SliceSource):
     def nbytes(self) -> int:
         """Bytes of all inputs together (one whole tensor each)."""
         n = math.prod(self._shape) if self._shape else 0
-        return sum(w[3] * n for w in self._where if w is not None)
+        return sum(w[1] * n for w in self._where if w is not None)
 
     def in_memory(self, buf: torch.Tensor) -> "MemorySlices":
         """Every input read whole into `buf` (uint8, at least nbytes()): the passes then
@@ -180,30 +151,16 @@ class FileSlices(SliceSource):
             if w is None:
                 flat.append(None)
                 continue
-            part = buf[pos:pos + n * w[3]]
+            part = buf[pos:pos + n * w[1]]
             self._read_into(index, 0, part)
-            flat.append(part.view(w[2]))
-            pos += n * w[3]
+            flat.append(part.view(w[0]))
+            pos += n * w[1]
         if flat[0] is not None and len({t.dtype for t in flat}) == 1:
             return MemorySlices.rows(buf[:pos].view(flat[0].dtype).view(len(flat), n), self.models)
         return MemorySlices(flat[0], flat[1:], self.models)
 
     def _read_into(self, index: int, start: int, buf: torch.Tensor) -> None:
-        path, offset, dtype, size = self._where[index]
-        mv = memoryview(buf.numpy())
-        fd = self._fds.get(path)
-        count = buf.numel() // size
-        pos, done, total = offset + start * size, 0, count * size
-        try:
-            while done < total:
-                n = os.preadv(fd, [mv[done:done + _MAX_READ]], pos + done)
-                if n == 0:
-                    raise MergeplanError(
-                        f"{path} ended while reading tensor {self.name!r} (file truncated since it was opened?)"
-                    )
-                done += n
-        except OSError as e:
-            raise MergeplanError(f"cannot read tensor {self.name!r} from {path}: {e.strerror}") from None
+        self._dirs[index].read_into(self.name, start * self._where[index][1], buf)
 
 
 # ---- exact top-k by counting ---------------------------------------------------------------

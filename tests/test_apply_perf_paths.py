@@ -299,16 +299,15 @@ def test_file_slices_read_ranges_and_name_a_truncated_shard(tmp_path):
     from safetensors.torch import save_file
 
     from mergeplan.io.modeldir import ModelDir
-    from mergeplan.stream import FileDescriptors, FileSlices
+    from mergeplan.stream import FileSlices
 
     d = tmp_path / "m"
     d.mkdir()
     a = torch.arange(1000, dtype=torch.float32).to(torch.bfloat16).reshape(10, 100)
     save_file({"a": a, "b": torch.ones(3)}, str(d / "model.safetensors"))
     md = ModelDir.open(d, name="m")
-    fds = FileDescriptors()
     try:
-        src = FileSlices("a", [md], ["m"], fds)
+        src = FileSlices("a", [md], ["m"])
         assert torch.equal(src.read(0, 0, 1000), a.reshape(-1))
         assert torch.equal(src.read(0, 123, 77), a.reshape(-1)[123:200])
         f = d / "model.safetensors"
@@ -316,7 +315,6 @@ def test_file_slices_read_ranges_and_name_a_truncated_shard(tmp_path):
         with pytest.raises(MergeplanError, match="ended while reading tensor 'a'"):
             src.read(0, 600, 400)
     finally:
-        fds.close()
         md.close()
 
 

@@ -523,3 +523,18 @@ def test_resolve_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(MergeplanError, match="could not be fetched from the Hugging Face Hub") as ei:
         locate.resolve_model_path("org/unknown", tmp_path)
     assert "org/unknown" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_read_into_reads_any_byte_range_of_a_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "m"
+    d.mkdir()
+    a = torch.arange(300, dtype=torch.float32).reshape(3, 100)
+    save_file({"z": torch.ones(5), "a": a}, str(d / "model.safetensors"))
+    with ModelDir.open(d) as md:
+        buf = torch.empty(40 * 4, dtype=torch.uint8)
+        md.read_into("a", 130 * 4, buf)
+        assert torch.equal(buf.view(torch.float32), a.reshape(-1)[130:170])
+        with pytest.raises(ValueError):
+            md.read_into("a", 290 * 4, buf)

@@ -125,12 +125,21 @@ class ModelDir:
             t = t.to(device)
         return t
 
-    def _pread_into(self, info: TensorInfo, mv: memoryview) -> None:
+    def read_into(self, name: str, byte_offset: int, buf: torch.Tensor) -> None:
+        """Fill the uint8 tensor `buf` with the tensor's bytes from `byte_offset` on (a slice
+        of a row-major tensor is a byte range): streamed apply reads this way."""
+        info = self.info(name)
+        if byte_offset < 0 or byte_offset + buf.numel() > info.nbytes:
+            raise ValueError(f"byte range {byte_offset}+{buf.numel()} outside tensor {name!r} ({info.nbytes} bytes)")
+        if buf.numel():
+            self._pread_into(info, memoryview(buf.numpy()), byte_offset)
+
+    def _pread_into(self, info: TensorInfo, mv: memoryview, offset: int = 0) -> None:
         fd = self._fd(info.file)
         done, total = 0, len(mv)
         try:
             while done < total:
-                n = os.preadv(fd, [mv[done:done + _MAX_READ]], info.start + done)
+                n = os.preadv(fd, [mv[done:done + _MAX_READ]], info.start + offset + done)
                 if n == 0:
                     raise MergeplanError(
                         f"{self.path / info.file} ended while reading tensor {info.name!r} "
