@@ -5,13 +5,14 @@ must see several data sets, because pruning changes the weights):
   base:        forward passes over the AIM data (|x|) and each fine-tune's data (x^2, LEWIS)
   fine-tune i: over its own data: x^2 (LEWIS), forward+backward per sample (Sens), logits;
                over the other tasks' data: logits only (Sens cross-task distances)
-Then the pure guide math (lewis.py, aim.py, sens.py) turns the statistics into decisions.
+A model no enabled guide measures is never loaded (needs.py): AIM alone runs the base only,
+Sens alone the fine-tunes only. Then the pure guide math (lewis.py, aim.py, sens.py) turns
+the statistics into decisions.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,44 +49,8 @@ from mergeplan.guides import aim as aim_math
 from mergeplan.guides import lewis as lewis_math
 from mergeplan.guides import sens as sens_math
 from mergeplan.guides.base import GuideDecisions, ModelInput
+from mergeplan.guides.needs import Sources, assign_sources, loads_finetunes
 from mergeplan.guides.options import GuideOptions, parse_guides
-
-
-@dataclass
-class _Sources:
-    per_model: dict[str, str]  # fine-tune id -> its task data (LEWIS, Sens)
-    aim: list[str]  # data AIM pools over the base
-    notes: list[str] = field(default_factory=list)
-
-
-def _assign_sources(s: CalibrationSettings, base_id: str, ids: list[str], opts: GuideOptions) -> _Sources:
-    if isinstance(s.data, str):
-        return _Sources({i: s.data for i in ids}, [s.data])
-    known = [base_id, *ids]
-    for k in s.data:
-        if k not in known:
-            raise MergeplanError(
-                f"calibration.data names {k!r}, which is not a model of this recipe; models: {', '.join(known)}"
-            )
-    per: dict[str, str] = {}
-    for i in ids:
-        if i in s.data:
-            per[i] = s.data[i]
-        elif opts.lewis or opts.sens:
-            raise MergeplanError(
-                f"calibration.data has no entry for fine-tune {i!r}: LEWIS and Sens measure each fine-tune "
-                f"on its own task data; add `{i}: PATH` (or give one data path for all)"
-            )
-    notes = []
-    if base_id in s.data:
-        aim = [s.data[base_id]]
-    else:
-        aim = list(dict.fromkeys(per.values()))
-        if opts.aim and not aim:
-            raise MergeplanError(f"calibration.data has no data for AIM: add `{base_id}: PATH` (the base's data)")
-        if opts.aim:
-            notes.append("aim: no base entry in calibration.data; pooled the fine-tunes' data over the base")
-    return _Sources(per, aim, notes)
 
 
 class _LogitBook:
@@ -185,7 +150,9 @@ def run_guides(
             "guides.sens balances fine-tunes against each other and needs at least two; "
             "drop sens for a single fine-tune"
         )
-    sources = _assign_sources(settings, base.id, ids, opts)
+    sources = assign_sources(settings, base.id, ids, opts)
+    # Only models some guide measures are loaded (needs.py): AIM alone runs the base only.
+    measured = models if loads_finetunes(opts) else []
     dev = resolve_device(device if device and device != "auto" else settings.device)
     tok_dir = (recipe_dir / settings.tokenizer) if settings.tokenizer else Path(base.path)
     tokenizer = load_tokenizer(tok_dir)
@@ -196,11 +163,12 @@ def run_guides(
             f"the tokenizer in {tok_dir} has {len(tokenizer)} tokens but the base model only {vsize}; "
             "use the base model's own tokenizer"
         )
+    # Every fine-tune, run or not: these read config and tokenizer files, not weights, and a
+    # merge needs one vocabulary even when AIM alone calibrates.
     for m in models:
         check_vocabulary(m.id, Path(m.path), vsize, vocab)
 
-    task_data = list(sources.per_model.values()) if (opts.lewis or opts.sens) else []
-    needed = list(dict.fromkeys(task_data + (sources.aim if opts.aim else [])))
+    needed = list(dict.fromkeys([*sources.per_model.values(), *(sources.aim if opts.aim else [])]))
     sets = {src: load_calib_set(src, recipe_dir, tokenizer, settings.samples, settings.seq_len) for src in needed}
     stored = stored_tensor_names(base.path)
     notes = list(sources.notes)
@@ -212,7 +180,7 @@ def run_guides(
         run.progress = progress
         run.base_phase(base)
         try:
-            for m in models:
+            for m in measured:
                 run.finetune_phase(m, ids)
         finally:
             if run.book is not None:
@@ -224,7 +192,7 @@ class _Run:
     def __init__(self, opts, settings, sources, sets, stored, dev, notes):
         self.opts: GuideOptions = opts
         self.settings: CalibrationSettings = settings
-        self.sources: _Sources = sources
+        self.sources: Sources = sources
         self.sets: dict[str, CalibSet] = sets
         self.stored: set[str] = stored
         self.dev: torch.device = dev
