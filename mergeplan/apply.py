@@ -9,10 +9,7 @@ record.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from . import __version__, malloc
-from .errors import MergeplanError
+from . import interrupt, malloc
+from .errors import MergeplanError, PlanFormatError
 from .execute import TensorInputs, check_finite, run_tensor
 from .stream import CHUNK, FileSlices, run_streamed, streamable
 from .io.locate import resolve_model_path
@@ -30,8 +27,11 @@ from .io.modeldir import ModelDir
 from .io.shards import plan_shards
 from .io.tensors import recipe_to_torch, torch_to_st
 from .io.writer import ShardWriter, write_index
+from .outdir import OutputSlot, check_target, file_mode
 from .plan.codec import plan_digest
 from .plan.model import Plan
+from .provenance import model_card, provenance, provenance_json
+from .validate import check_against_inputs, check_plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
 
@@ -54,6 +54,7 @@ class ApplyOptions:
     # and _working_set). A tensor larger than the budget still runs, alone.
     memory_budget: int = 400 << 20
     chunk: int = 0  # elements per slice on the streamed path; 0: stream.CHUNK
+    note: Callable[[str], None] | None = None  # one-line notes for the user (stale temp dirs, ...)
 
 
 @dataclass
@@ -84,53 +85,32 @@ def model_paths(plan: Plan, remap: dict[str, str], plan_path: str | None = None)
     return paths
 
 
-def _check_out_dir(out: Path, inputs: dict[str, Path], force: bool) -> None:
-    out_r = out.resolve()
-    for mid, p in inputs.items():
-        p = p.resolve()
-        if out_r == p or p in out_r.parents or out_r in p.parents:
-            raise MergeplanError(f"output {out} overlaps input model {mid} ({p}); choose another output directory")
-    if out.exists() and not force:
-        raise MergeplanError(f"output {out} already exists; pass --force to replace it or choose another directory")
-    if out.exists() and not out.is_dir():
-        raise MergeplanError(f"output {out} exists and is not a directory; remove it or choose another path")
-
-
-def _model_card(plan: Plan, digest: str, files: list[str]) -> str:
-    lines = [
-        "---", "library_name: transformers", "tags: [merge, mergeplan]", "---", "",
-        "# Merged model", "",
-        f"Merged with [mergeplan](https://pypi.org/project/mergeplan/) {__version__} using **{plan.method}**.", "",
-        f"Plan digest: `{digest}`", "", "## Inputs", "",
-        "| model | role | path |", "|---|---|---|",
-    ]
-    lines += [f"| {m.id} | {m.role} | `{m.path}` |" for m in plan.models]
-    if plan.guides:
-        lines += ["", "## Guides", ""] + [f"- {g}: `{json.dumps(_plain(v), sort_keys=True)}`" for g, v in sorted(plan.guides.items())]
-    lines += ["", "## Recipe", "", "```yaml", plan.recipe.get("text", "").rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
-def _plain(v):
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items() if not hasattr(x, "shape")}
-    return v
-
-
 def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None = None) -> ApplyResult:
+    """Check the plan (as `validate` does) and the inputs against it, then merge into a
+    work folder beside OUT_DIR and rename it into place. Every input byte a tensor uses is
+    checked against the plan's digests as it is read; any mismatch, error or signal
+    leaves no OUT_DIR behind."""
     opts = opts or ApplyOptions()
+    where = opts.plan_path or "plan"
+    problems = check_plan(plan)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `mergeplan validate`)" if len(problems) > 1 else ""
+        raise PlanFormatError(f"{where}: {problems[0]}{more}; the plan is corrupt or was edited outside mergeplan")
     out = Path(out_dir)
     paths = model_paths(plan, opts.remap, opts.plan_path)
-    _check_out_dir(out, paths, opts.force)
-    dirs = {mid: ModelDir.open(p, name=mid) for mid, p in paths.items()}
+    check_target(out, paths, opts.plan_path, opts.force)
+    dirs: dict[str, ModelDir] = {}
     try:
-        # Verify every input before writing anything.
+        for mid, p in paths.items():
+            dirs[mid] = ModelDir.open(p, name=mid)
+        # Every input checked before anything is allocated or written.
         for m in plan.models:
             dirs[m.id].check_fingerprint(m.fingerprint, full=opts.full_verify)
-        for t in plan.tensors:
-            for mid in _models_of(plan, t):
-                if t.name not in dirs[mid]:
-                    raise MergeplanError(f"model {mid}: tensor {t.name} is missing; the inputs do not match the plan")
+        check_against_inputs(plan, dirs)
+        unchecked = [m.id for m in plan.models if not dirs[m.id].verifies_content]
+        if unchecked and opts.note:
+            opts.note(f"the plan records no content digests for {', '.join(unchecked)} (made by an older mergeplan?): "
+                      "those inputs are checked by size and headers only; re-plan to check every byte")
         return _write(plan, out, dirs, opts)
     finally:
         for d in dirs.values():
@@ -147,12 +127,14 @@ def _models_of(plan: Plan, t) -> list[str]:
 def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions) -> ApplyResult:
     entries = [(t.name, torch_to_st(recipe_to_torch(t.dtype)), tuple(t.shape)) for t in plan.tensors]
     layouts = plan_shards(entries, plan.max_shard_size)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mergeplan-", dir=parent))
     lock = threading.Lock()
     state = {"done": 0, "bytes": 0}
-    try:
+    mode = file_mode()
+    with OutputSlot(out) as slot:
+        for p in slot.removed_stale:
+            if opts.note:
+                opts.note(f"removed {p}, left by an earlier apply that was killed")
+        tmp = slot.tmp
         writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
         where = {t.name: l.file for l in layouts for t in l.tensors}
 
@@ -172,9 +154,9 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
             stream = on_cpu and streamable(plan, tp)
             if stream:
-                src = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
-                                 [base_id] + [c.model for c in tp.contributions])
-                out_buf = None
+                files = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
+                                   [base_id] + [c.model for c in tp.contributions])
+                src, out_buf = files, None
                 if src.nbytes() <= _IN_MEMORY_INPUTS:
                     # Mid-size tensors: inputs read once into this thread's reused buffers
                     # (fresh ones would fault in page by page for every tensor).
@@ -182,7 +164,8 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
                     src = src.in_memory(_grown(ws, "in", torch.uint8, src.nbytes()))
                     out_buf = _grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape))
                 result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
-                del src
+                files.verify()  # every input byte this tensor used, hashed as it was read
+                del src, files
             else:
                 result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
             writers[where[tp.name]].write(tp.name, result)
@@ -207,37 +190,41 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
                 sched.work(one)
             else:
                 with ThreadPoolExecutor(max_workers=opts.threads) as ex:
-                    for f in [ex.submit(sched.work, one) for _ in range(opts.threads)]:
-                        f.result()
+                    futures = [ex.submit(sched.work, one) for _ in range(opts.threads)]
+                    try:
+                        for f in futures:
+                            f.result()
+                    except BaseException:
+                        sched.stop()  # workers finish the tensor in hand, take no other
+                        raise
         finally:
             torch.set_num_threads(prev)
         for w in writers.values():
             w.close()
         write_index(tmp, layouts)
-        base_dir = dirs[(plan.base or plan.task_models[0]).id].path
+        aux_model = dirs[(plan.base or plan.task_models[0]).id]
+        aux_model_ref = plan.base or plan.task_models[0]
+        recorded = {f.get("file"): f for f in aux_model_ref.fingerprint.get("files", []) if isinstance(f, dict)}
+        legacy = not aux_model.verifies_content  # a plan from before copied files were fingerprinted
         for f in plan.aux_files:
-            src = Path(base_dir) / f
-            if src.exists():
-                shutil.copy2(src, tmp / f)
-        digest = plan_digest(plan)
-        (tmp / "README.md").write_text(_model_card(plan, digest, [l.file for l in layouts]))
-        (tmp / "mergeplan.json").write_text(json.dumps(
-            {"mergeplan_version": __version__, "plan_digest": digest, "method": plan.method,
-             "models": [{"id": m.id, "role": m.role, "path": m.path} for m in plan.models]},
-            indent=2, sort_keys=True) + "\n")
-        files = sorted(p.name for p in tmp.iterdir())
-        if out.exists():
-            # --force: move the old output aside first so a crash never loses both.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+            if f not in recorded and not legacy:
+                raise MergeplanError(f"the plan copies {f!r} from model {aux_model_ref.id} but records no digest for it; "
+                                     "the plan is corrupt or hostile: re-plan")
+            aux_model.copy_aux(f, tmp / f, recorded.get(f), mode)
+        prov = provenance(plan, plan_digest(plan))
+        _write_new(tmp / "README.md", model_card(plan, prov), mode)
+        _write_new(tmp / "mergeplan.json", provenance_json(prov), mode)
+        files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+        if interrupt.requested():
+            raise KeyboardInterrupt  # a signal whose exception Python dropped: never land
+        slot.commit(opts.force)
         return ApplyResult(out, files, len(plan.tensors), state["bytes"])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _grown(ws: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -293,9 +280,17 @@ class _Scheduler:
         self._failed = False
         self._cond = threading.Condition()
 
+    def stop(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
     def take(self) -> tuple[int, object] | None:
         with self._cond:
             while True:
+                if interrupt.requested():
+                    self._failed = True
+                    raise KeyboardInterrupt
                 if self._failed or not self._todo:
                     return None
                 for i, (cost, job) in enumerate(self._todo):

@@ -66,27 +66,49 @@ def plan(
     model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a recipe model lives on this machine.")] = None,
     device: Annotated[str, typer.Option(help="Calibration device: auto, cpu, cuda, cuda:N, mps.")] = "auto",
     threads: Annotated[int, typer.Option(help="Worker threads for mask computation.")] = max(1, os.cpu_count() or 1),
-    fast_hash: Annotated[bool, typer.Option("--fast-hash", help="Fingerprint shards by size and header only (no full sha256).")] = False,
+    fast_hash: Annotated[bool, typer.Option("--fast-hash", hidden=True, help="Ignored: tensor digests are computed while planning reads the weights.")] = False,
+    full_hash: Annotated[bool, typer.Option("--full-hash", help="Also record each shard's whole-file sha256 (reads every shard once more).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite PLAN if it exists (its edit log is lost).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Read a recipe, analyse the inputs (and calibrate, for guided recipes), write a plan."""
     from .planner import PlanOptions, build_plan
     from .plan.codec import write_plan
+    from .plan.identity import decision_digest
     from .progress import StageProgress
     from .recipe import load_recipe
 
+    _check_plan_output(output, force)  # before minutes of calibration, not after
     rec = load_recipe(recipe)
     for note in rec.notes:
-        err.print(f"note: {note}")
+        err.print(f"note: {_safe(note)}")
+    if fast_hash:
+        err.print("note: --fast-hash is no longer needed: tensor digests are computed while planning reads the weights")
     t0 = time.perf_counter()
     with StageProgress(err, quiet) as prog:
-        p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=not fast_hash, quiet=quiet,
+        p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
                                         remap=_parse_remap(model), progress=prog.update))
-    digest = write_plan(p, output)
+    _check_plan_output(output, force)  # it may have appeared while planning
+    write_plan(p, output)
     if not quiet:
-        err.print(f"wrote {output} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
+        err.print(f"wrote {_safe(output)} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
                   f"{len(p.models)} models) in {time.perf_counter() - t0:.1f}s")
-    out.print(digest)
+    out.print(decision_digest(p))
+
+
+def _safe(v: object) -> str:
+    """A path or string from the user or a plan, safe to print through rich."""
+    from rich.markup import escape
+
+    return escape("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(v)))
+
+
+def _check_plan_output(output: Path, force: bool) -> None:
+    if output.is_dir():
+        raise MergeplanError(f"{output} is a directory; give the plan file's path, e.g. -o {output}/merge.plan")
+    if output.exists() and not force:
+        raise MergeplanError(f"{output} already exists (a plan's hand edits and edit log would be lost); "
+                             "pass --force to overwrite it or choose another name")
 
 
 @app.command()
@@ -96,7 +118,7 @@ def apply(
     model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
     threads: Annotated[int, typer.Option(help="Tensors merged in parallel (each on one core).")] = max(1, os.cpu_count() or 1),
     force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
-    full_verify: Annotated[bool, typer.Option("--full-verify", help="Check inputs by full sha256, not just size and header.")] = False,
+    full_verify: Annotated[bool, typer.Option("--full-verify", help="Check every input byte before merging (a second read); by default bytes are checked as they are read, before OUT_DIR appears.")] = False,
     device: Annotated[str, typer.Option(help="Compute device: cpu (default), cuda, cuda:N, mps, auto.")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -110,11 +132,12 @@ def apply(
     with ApplyProgress(err, quiet, total=len(p.tensors)) as prog:
         res = apply_plan(p, out_dir, ApplyOptions(threads=threads, force=force, full_verify=full_verify,
                                                   remap=_parse_remap(model), device=_device(device),
-                                                  progress=prog.update, plan_path=str(plan_file)))
+                                                  progress=prog.update, plan_path=str(plan_file),
+                                                  note=lambda s: err.print(f"note: {_safe(s)}")))
     if not quiet:
         dt = time.perf_counter() - t0
-        err.print(f"wrote {res.out_dir} ({res.tensors} tensors, {len(res.files)} files) in {dt:.1f}s, "
-                  f"{res.bytes_read / 1e9 / max(dt, 1e-9):.2f} GB/s read")
+        err.print(f"wrote {_safe(res.out_dir)} ({res.tensors} tensors, {len(res.files)} files) "
+                  f"in {dt:.1f}s, {res.bytes_read / 1e9 / max(dt, 1e-9):.2f} GB/s read")
 
 
 @app.command()
@@ -197,6 +220,9 @@ def review(
 
 
 def main() -> None:
+    from . import interrupt
+
+    interrupt.install()  # SIGTERM/SIGHUP clean up like Ctrl-C
     try:
         app()
     except MergeplanError as e:

@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .errors import MergeplanError
 from .execute import TensorInputs, check_finite, compute_masks, deltas_of
+from .io import digests as _digests
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.tensors import st_to_torch, torch_to_recipe
@@ -42,7 +43,9 @@ _BIG = 16 * 1024 * 1024  # elements
 class PlanOptions:
     device: str = "auto"
     threads: int = 1
-    full_hash: bool = True
+    # Also sha256 whole shards (a second read of everything). Not needed for apply's
+    # checks, which use the per-tensor digests recorded while the planner reads.
+    full_hash: bool = False
     quiet: bool = False
     remap: dict[str, str] = field(default_factory=dict)
     progress: Progress | None = None
@@ -166,14 +169,21 @@ def magnitude_cutoff(delta: torch.Tensor, mask: torch.Tensor) -> list[int]:
     return [threshold, cut]
 
 
-def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
-    """Compute every mask once; record its digest (and CABS overlap) in the plan."""
+def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict[str, bytes]]:
+    """Compute every mask once; record its digest (and CABS overlap) in the plan. Returns
+    the sha256 of every input tensor read on the way (model id -> tensor -> digest)."""
     # Largest first; tensors above _BIG elements run one at a time, since each holds every
     # model's float32 delta at once (a 32k x 4k embedding: 0.5 GB per model).
     todo = sorted((t for t in plan.tensors if t.op == OP_MERGE), key=lambda t: -math.prod(t.shape))
     done = 0
     total = len(todo)
     big = threading.Lock()
+    seen: dict[str, dict[str, bytes]] = {mid: {} for mid in inp.dirs}
+
+    def read(mid: str, name: str) -> torch.Tensor:
+        t = inp.dirs[mid].read(name)
+        seen[mid][name] = _digests.tensor_sha256(t)  # hashed while hot in cache; dict set is atomic
+        return t
 
     def one(tp: TensorPlan) -> None:
         if math.prod(tp.shape) > _BIG:
@@ -188,13 +198,13 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
         tp.stats.setdefault("kept", {})[c.model] = float(m.mask.float().mean())
 
     def _one(tp: TensorPlan) -> None:
-        base = inp.dirs[inp.base.id].read(tp.name) if inp.base else None
+        base = read(inp.base.id, tp.name) if inp.base else None
         if base is not None:
             check_finite(base, tp.name, inp.base.id)
         masked = base is not None and any(c.mask for c in tp.contributions)
         if masked and tp.params.get("cabs_order") is not None:
             # CABS masks depend on each other: every model's delta at once.
-            tensors = [inp.dirs[c.model].read(tp.name) for c in tp.contributions]
+            tensors = [read(c.model, tp.name) for c in tp.contributions]
             for c, t in zip(tp.contributions, tensors):
                 check_finite(t, tp.name, c.model)
             deltas = deltas_of(TensorInputs(base, tensors))
@@ -209,7 +219,7 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
             b32 = base.float() if base is not None else None
             real = []
             for c in tp.contributions:
-                t = inp.dirs[c.model].read(tp.name)
+                t = read(c.model, tp.name)
                 check_finite(t, tp.name, c.model)
                 if not masked or c.mask is None:
                     continue
@@ -229,6 +239,7 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> None:
             done += 1
             if opts.progress:
                 opts.progress("masks", done, total)
+    return seen
 
 
 def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
@@ -258,6 +269,8 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
                 recipe.path.parent if recipe.path else Path.cwd(), device=opts.device, quiet=opts.quiet,
             )
         models = ([inp.base] if inp.base else []) + inp.tasks
+        aux_source = (inp.base or inp.tasks[0]).id
+        aux = inp.dirs[aux_source].aux_files()
         plan = Plan(
             method=recipe.merge_method,
             models=models,
@@ -270,15 +283,18 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
             guides=decisions.guides if decisions else {},
             calibration=decisions.calibration if decisions else {},
             stats=decisions.plan_stats if decisions else {},
-            aux_files=inp.dirs[(inp.base or inp.tasks[0]).id].aux_files(),
+            aux_files=aux,
             max_shard_size=recipe.max_shard_size or _DEFAULT_SHARD,
             notes=notes,
             mergeplan_version=__version__,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        _digest_masks(plan, inp, opts)
+        seen = _digest_masks(plan, inp, opts)
         for m in models:
-            m.fingerprint = inp.dirs[m.id].fingerprint(full=opts.full_hash)
+            md = inp.dirs[m.id]
+            m.fingerprint = md.fingerprint(full=opts.full_hash, tensor_sha256=seen[m.id],
+                                           aux=aux if m.id == aux_source else None)
+            m.hub = md.hub
         return plan
     finally:
         for d in inp.dirs.values():

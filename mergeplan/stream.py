@@ -121,6 +121,9 @@ class FileSlices(SliceSource):
         self._dirs = list(dirs)
         self._shape: tuple[int, ...] = ()
         self._where = []
+        # Content checks against the plan's digests, fed by whichever pass reads each
+        # input from its start to its end in order (see verify()).
+        self._checks = [d.checker(name) if d is not None else None for d in dirs]
         for d in dirs:
             if d is None:
                 self._where.append(None)
@@ -160,7 +163,19 @@ class FileSlices(SliceSource):
         return MemorySlices(flat[0], flat[1:], self.models)
 
     def _read_into(self, index: int, start: int, buf: torch.Tensor) -> None:
-        self._dirs[index].read_into(self.name, start * self._where[index][1], buf)
+        offset = start * self._where[index][1]
+        self._dirs[index].read_into(self.name, offset, buf)
+        check = self._checks[index]
+        if check is not None:
+            check.feed(offset, memoryview(buf.numpy()))
+
+    def verify(self) -> None:
+        """Raise InputMismatchError when an input's bytes, as read, differ from the plan's
+        digest. run_streamed reads every input whole and in order at least once, so
+        each check has seen every byte by now."""
+        for check in self._checks:
+            if check is not None:
+                check.finish()
 
 
 # ---- exact top-k by counting ---------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from .errors import MergeplanError
+from .errors import InputMismatchError, MergeplanError, PlanFormatError
 from .io.modeldir import ModelDir
 from .methods.registry import METHODS
 from .plan.model import OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Plan
@@ -59,15 +59,68 @@ def check_plan(plan: Plan) -> list[str]:
 
 
 def check_inputs(plan: Plan, remap: dict[str, str], full: bool = False, plan_path: str | None = None) -> list[str]:
-    """One line per model; raises on the first model that does not match."""
+    """One line per model; raises on the first model that does not match. Reads and hashes
+    every tensor when the plan recorded tensor digests (the check apply makes as it reads);
+    for older plans, sizes and headers, and with `full` the shards' recorded sha256."""
     from .apply import model_paths
 
     lines = []
-    for m, path in zip(plan.models, model_paths(plan, remap, plan_path).values()):
-        with ModelDir.open(path, name=m.id) as md:
-            md.check_fingerprint(m.fingerprint, full=full)
-            missing = [t.name for t in plan.tensors if t.name not in md and (t.op == OP_MERGE or t.source == m.id)]
-            if missing:
-                raise MergeplanError(f"model {m.id} ({path}): tensor {missing[0]} is missing")
-        lines.append(f"model {m.id}: {path} matches ({'full sha256' if full else 'sizes and headers'})")
+    paths = model_paths(plan, remap, plan_path)
+    dirs: dict[str, ModelDir] = {}
+    try:
+        for m in plan.models:
+            md = dirs[m.id] = ModelDir.open(paths[m.id], name=m.id)
+            content = bool(m.fingerprint.get("tensor_sha256")) if isinstance(m.fingerprint, dict) else False
+            md.check_fingerprint(m.fingerprint, full=full or content)
+            how = "every tensor's sha256" if content else ("full shard sha256" if full else "sizes and headers only")
+            lines.append(f"model {m.id}: {paths[m.id]} matches ({how})")
+        check_against_inputs(plan, dirs)
+        aux = plan.base or (plan.task_models[0] if plan.task_models else None)
+        if aux is not None:
+            recorded = {f.get("file"): f for f in aux.fingerprint.get("files", []) if isinstance(f, dict)}
+            for f in plan.aux_files:
+                got = dirs[aux.id].aux_fingerprint(f)
+                if f in recorded and (got["size"], got["sha256"]) != (recorded[f].get("size"), recorded[f].get("sha256")):
+                    raise InputMismatchError(f"model {aux.id} ({paths[aux.id]}): {f} differs from the file the plan "
+                                             "was made from (sha256); restore it or re-plan")
+    finally:
+        for md in dirs.values():
+            md.close()
     return lines
+
+
+def check_against_inputs(plan: Plan, dirs: dict[str, ModelDir]) -> None:
+    """Every tensor the plan merges or copies exists in the models it reads, with the plan's
+    shape, in a dtype the operation can take: checked before apply allocates anything, so
+    a plan cannot make it reserve memory or write a tensor that the inputs do not back."""
+    from .io.tensors import recipe_to_torch, st_to_torch
+
+    base = plan.base.id if plan.base else None
+    if len(set(plan.aux_files)) != len(plan.aux_files):
+        raise PlanFormatError("the plan lists a copied file twice in aux_files; the plan is corrupt")
+    try:
+        from .io.shards import plan_shards
+
+        plan_shards([("x", "F32", (1,))], plan.max_shard_size)
+    except Exception:
+        raise PlanFormatError(f"the plan's max_shard_size {plan.max_shard_size!r} is not a size; the plan is corrupt") from None
+    for t in plan.tensors:
+        try:
+            out_dtype = recipe_to_torch(t.dtype)
+        except Exception:
+            raise PlanFormatError(f"{t.name}: output dtype {t.dtype!r} is not one mergeplan writes; the plan is corrupt") from None
+        ids = [t.source] if t.op == OP_COPY else ([base] if base else []) + [c.model for c in t.contributions]
+        for mid in ids:
+            md = dirs[mid]
+            if t.name not in md:
+                raise InputMismatchError(f"model {mid} ({md.path}): tensor {t.name} is missing; the inputs do not match the plan")
+            info = md.info(t.name)
+            if tuple(info.shape) != tuple(t.shape):
+                raise InputMismatchError(f"model {mid}: tensor {t.name} is {list(info.shape)} but the plan says "
+                                         f"{list(t.shape)}; the inputs do not match the plan")
+            src = st_to_torch(info.dtype)
+            if t.op == OP_COPY and src != out_dtype:
+                raise PlanFormatError(f"{t.name}: the plan copies a {info.dtype} tensor as {t.dtype}; the plan is corrupt")
+            if t.op == OP_MERGE and not (src.is_floating_point and out_dtype.is_floating_point):
+                raise PlanFormatError(f"{t.name}: the plan merges a {info.dtype} tensor into {t.dtype}; only floating "
+                                      "point tensors are merged")

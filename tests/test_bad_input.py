@@ -189,9 +189,18 @@ def test_output_exists_needs_force(fam, tmp_path, capsys):
     code, _, err = run_cli(capsys, "apply", plan, out)
     assert_one_line_error(code, err, "exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only a previous mergeplan output, never a directory of the user's
+    code, _, err = run_cli(capsys, "apply", plan, out, "--force", "-q")
+    assert_one_line_error(code, err, "not a mergeplan output")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    code, _, err = run_cli(capsys, "apply", plan, out, "-q")
+    assert code == 0, err
+    (out / "stale.txt").write_text("from the first run")
     code, _, err = run_cli(capsys, "apply", plan, out, "--force", "-q")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
     assert leftovers(tmp_path) == []
 
 

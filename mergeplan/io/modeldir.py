@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from mergeplan.errors import InputMismatchError, MergeplanError
+from mergeplan.io import digests
+from mergeplan.io.confine import blob_sha256, hub_snapshot, open_regular
 from mergeplan.io.header import ParsedHeader, read_header
 from mergeplan.io.tensors import st_to_torch
 
@@ -35,6 +37,10 @@ AUX_FILE_NAMES = (
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HASH_CHUNK = 8 << 20
+# Copied files (config, tokenizer, ...) larger than this are refused: real ones are at most
+# tens of MB, and a plan must not make apply copy a huge file into the output.
+AUX_MAX_BYTES = 256 << 20
+_INDEX_MAX_BYTES = 64 << 20
 # Linux caps one read at 0x7ffff000 bytes; stay under it and loop.
 _MAX_READ = 1 << 30
 
@@ -70,6 +76,8 @@ class ModelDir:
         self._names = sorted(infos)
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
+        self._expected: dict[str, bytes] = {}  # tensor -> sha256 the plan recorded (apply)
+        self.where = f"model {name} ({path})"
 
     # ---- opening -------------------------------------------------------------------
 
@@ -85,7 +93,12 @@ class ModelDir:
             )
         p = p.resolve()
         shard_files = _find_shards(p)
-        headers = {f: read_header(p / f) for f in shard_files}
+        headers = {}
+        for f in shard_files:
+            # Links may not lead out of the directory, and only regular files are read.
+            fd, _, real = open_regular(p, f, "shard")
+            os.close(fd)
+            headers[f] = read_header(real)
         infos = _tensor_table(p, headers)
         if (p / INDEX_FILE).is_file() and not (p / SINGLE_FILE).is_file():
             _check_index(p, infos)
@@ -115,11 +128,16 @@ class ModelDir:
     # ---- reading -------------------------------------------------------------------
 
     def read(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """A fresh, owning tensor in the stored dtype (on `device` if given, else CPU)."""
+        """A fresh, owning tensor in the stored dtype (on `device` if given, else CPU);
+        checked against the plan's digest when `expect` gave one."""
         info = self.info(name)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             self._pread_into(info, memoryview(buf.numpy()))
+        check = self.checker(name)
+        if check is not None:
+            check.feed(0, memoryview(buf.numpy()))
+            check.finish()
         t = buf.view(st_to_torch(info.dtype)).reshape(info.shape)
         if device is not None and torch.device(device) != t.device:
             t = t.to(device)
@@ -157,12 +175,7 @@ class ModelDir:
             with self._fd_lock:
                 fd = self._fds.get(file)
                 if fd is None:
-                    try:
-                        fd = os.open(self.path / file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    except OSError as e:
-                        raise MergeplanError(
-                            f"cannot open {self.path / file}: {e.strerror}"
-                        ) from None
+                    fd = open_regular(self.path, file, "shard")[0]
                     self._fds[file] = fd
         return fd
 
@@ -186,11 +199,15 @@ class ModelDir:
 
     # ---- fingerprints --------------------------------------------------------------
 
-    def fingerprint(self, full: bool = True) -> dict:
-        """Plain-data identity of the weights; `full` adds each shard's sha256 (reads everything)."""
+    def fingerprint(self, full: bool = False, tensor_sha256: dict[str, bytes] | None = None,
+                    aux: list[str] | None = None) -> dict:
+        """Plain-data identity of the weights: shard sizes and header hashes, the tensor table,
+        with `tensor_sha256` each tensor's content digest (the planner hashes what it reads),
+        with `aux` the copied files' sizes and sha256. `full` adds each shard's sha256 (reads
+        everything); in the Hugging Face cache the blob names give it for free."""
         files = self.shard_files
-        sums: list[str | None] = [None] * len(files)
-        if full:
+        sums: list[str | None] = [blob_sha256(self.path, f) for f in files]
+        if full and None in sums:
             # hashlib releases the GIL on large updates, so a few threads overlap I/O and hashing.
             with ThreadPoolExecutor(max_workers=min(4, len(files))) as pool:
                 sums = list(pool.map(self._sha256, files))
@@ -204,7 +221,15 @@ class ModelDir:
             for f, s in zip(files, sums)
         ]
         tensors = [[n, self._infos[n].dtype, list(self._infos[n].shape)] for n in self._names]
-        return {"shards": shards, "tensors": tensors}
+        fp: dict = {"shards": shards, "tensors": tensors}
+        if tensor_sha256 is not None:
+            missing = [n for n in self._names if n not in tensor_sha256]
+            for n in missing:  # tensors the planner did not read (e.g. buffers it copies from another model)
+                tensor_sha256[n] = digests.tensor_sha256(self.read(n))
+            fp["tensor_sha256"] = digests.pack([tensor_sha256[n] for n in self._names])
+        if aux is not None:
+            fp["files"] = [self.aux_fingerprint(f) for f in aux]
+        return fp
 
     def _sha256(self, file: str) -> str:
         h = hashlib.sha256()
@@ -262,7 +287,13 @@ class ModelDir:
                 raise InputMismatchError(
                     f"{where}: shard {f} header (tensor layout/metadata) differs from the one recorded"
                 )
+        self._expected = digests.table(recorded)
         if not full:
+            return
+        if self._expected:
+            # Every tensor read and checked now, before any output is written.
+            for n in self._names:
+                self.read(n)
             return
         for f in sorted(now_files):
             want = rec_shards[f].get("sha256")
@@ -278,12 +309,77 @@ class ModelDir:
 
     # ---- companions ----------------------------------------------------------------
 
+    def checker(self, name: str) -> "digests.SequentialCheck | None":
+        """A check of this tensor's bytes against the plan's digest, fed as they are read;
+        None when the plan recorded no digest for it."""
+        want = self._expected.get(name)
+        if want is None:
+            return None
+        info = self.info(name)
+        return digests.SequentialCheck(want, info.nbytes, self.where, name, info.file)
+
+    @property
+    def verifies_content(self) -> bool:
+        """Whether reads are checked against recorded tensor digests."""
+        return bool(self._expected)
+
     def aux_files(self) -> list[str]:
         """Config, generation config and tokenizer files present, as names in the directory."""
-        return sorted(f for f in AUX_FILE_NAMES if (self.path / f).is_file())
+        return sorted(f for f in AUX_FILE_NAMES if os.path.lexists(self.path / f))
+
+    def aux_fingerprint(self, name: str) -> dict:
+        """{file, size, sha256} of a file copied into the output (confined, regular, capped)."""
+        if name not in AUX_FILE_NAMES:
+            raise MergeplanError(f"{self.where}: {name!r} is not a file mergeplan copies into an output")
+        fd, size, _ = open_regular(self.path, name, "file", AUX_MAX_BYTES)
+        try:
+            return {"file": name, "size": size, "sha256": digests.file_sha256(fd, size)}
+        finally:
+            os.close(fd)
+
+    def copy_aux(self, name: str, dest: Path, recorded: dict | None, mode: int) -> None:
+        """Copy one allow-listed file into `dest` (a new file), checking it against `recorded`
+        ({size, sha256} from the plan) when the plan has it; never follows a link out of the
+        directory, never reads more than AUX_MAX_BYTES."""
+        if name not in AUX_FILE_NAMES:
+            raise MergeplanError(f"the plan asks to copy {name!r}, which is not a config or tokenizer file "
+                                 "mergeplan copies; the plan is corrupt or hostile")
+        fd, size, _ = open_regular(self.path, name, "file", AUX_MAX_BYTES)
+        try:
+            h = hashlib.sha256()
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+            try:
+                off = 0
+                while off < size:
+                    b = os.pread(fd, min(_HASH_CHUNK, size - off), off)
+                    if not b:
+                        raise MergeplanError(f"{self.path / name} shrank while being copied; retry")
+                    h.update(b)
+                    _write_all(out, b)
+                    off += len(b)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        if recorded is not None and (recorded.get("size") != off or recorded.get("sha256") != h.hexdigest()):
+            raise InputMismatchError(
+                f"{self.where}: {name} differs from the file the plan was made from (sha256); restore it or re-plan"
+            )
+
+    @property
+    def hub(self) -> dict | None:
+        """{repo, revision} when this directory is a Hugging Face cache snapshot."""
+        snap = hub_snapshot(self.path)
+        return {"repo": snap.repo, "revision": snap.revision} if snap else None
 
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, name={self.name!r}, tensors={len(self._infos)})"
+
+
+def _write_all(fd: int, b: bytes) -> None:
+    mv = memoryview(b)
+    while mv:
+        mv = mv[os.write(fd, mv):]
 
 
 def _find_shards(p: Path) -> list[str]:
@@ -329,13 +425,18 @@ def _find_shards(p: Path) -> list[str]:
 
 def _load_weight_map(index: Path) -> dict[str, str]:
     try:
-        obj = json.loads(index.read_text(encoding="utf-8"))
+        fd, size, _ = open_regular(index.parent, index.name, "index", _INDEX_MAX_BYTES)
+        try:
+            text = os.pread(fd, size, 0).decode("utf-8")
+        finally:
+            os.close(fd)
+        obj = json.loads(text)
         weight_map = obj["weight_map"]
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
         raise MergeplanError(
             f"{index} is not a valid safetensors index (needs a \"weight_map\" of tensor -> file)"
         ) from None

@@ -50,7 +50,7 @@ class ShardWriter:
         self._claimed: set[str] = set()
         try:
             self._fd: int | None = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666
             )
         except OSError as e:
             raise MergeplanError(f"cannot create {self.path}: {e.strerror}") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import struct
 import tempfile
@@ -23,11 +24,12 @@ import msgpack
 import numpy as np
 
 from ..errors import PlanFormatError
-from .model import FORMAT_NAME, FORMAT_VERSION, Contribution, ModelRef, Plan, TensorPlan
+from . import schema
+from .model import FORMAT_NAME, FORMAT_VERSION, Plan, TensorPlan
 
 _EXT_ARRAY = 1
 # Little-endian dtypes allowed inside a plan; anything else is a bug or a hostile file.
-_ARRAY_DTYPES = {"<f4", "<f8", "<f2", "<i4", "<i8", "|u1", "|b1", "<u4"}
+_ARRAY_DTYPES = schema.ARRAY_DTYPES
 
 
 # -- arrays ------------------------------------------------------------------------------
@@ -44,21 +46,26 @@ def _pack_array(a: np.ndarray) -> msgpack.ExtType:
 
 
 def _unpack_ext(code: int, data: bytes) -> Any:
+    # Every length in the header is checked against the payload before numpy sees it.
+    where = "a typed array"
     if code != _EXT_ARRAY:
-        raise PlanFormatError(f"unknown msgpack extension type {code} in plan body")
-    n = data[0]
-    dt = data[1 : 1 + n].decode()
-    if dt not in _ARRAY_DTYPES:
-        raise PlanFormatError(f"unsupported array dtype {dt!r} in plan body")
+        raise schema.Corrupt(where, f"has the unknown msgpack extension type {code}")
+    n = data[0] if data else 0
+    dt = data[1 : 1 + n].decode("ascii", "replace")
+    if not data or dt not in _ARRAY_DTYPES or len(data) < 2 + n:
+        raise schema.Corrupt(where, f"has the unsupported dtype {dt[:16]!r}")
     ndim = data[1 + n]
-    off = 2 + n
-    shape = struct.unpack_from(f"<{ndim}Q", data, off)
-    off += 8 * ndim
-    arr = np.frombuffer(data, dtype=np.dtype(dt), offset=off)
-    expected = int(np.prod(shape, dtype=np.int64)) if ndim else 1
-    if arr.size != expected:
-        raise PlanFormatError("array in plan body has the wrong length (truncated or corrupt plan)")
-    return arr.reshape(shape).copy()
+    off = 2 + n + 8 * ndim
+    if ndim > schema.MAX_NDIM or len(data) < off:
+        raise schema.Corrupt(where, "has a malformed shape")
+    shape = struct.unpack_from(f"<{ndim}Q", data, 2 + n)
+    numel = math.prod(shape)
+    dtype = np.dtype(dt)
+    if numel >= schema.MAX_NUMEL or len(data) - off != numel * dtype.itemsize:
+        raise schema.Corrupt(where, f"of shape {list(shape)} does not match its {len(data) - off} bytes")
+    if dt == "|b1" and numel and np.frombuffer(data, np.uint8, numel, off).max() > 1:
+        raise schema.Corrupt(where, "of booleans holds bytes other than 0 and 1")
+    return np.frombuffer(data, dtype, numel, off).reshape(shape).copy()
 
 
 def _default(obj: Any) -> Any:
@@ -87,7 +94,10 @@ def _canon(obj: Any) -> Any:
 # -- plan <-> plain dict -----------------------------------------------------------------
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     d = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
-    d["models"] = [dataclasses.asdict(m) for m in plan.models]
+    d["models"] = [
+        {k: v for k, v in dataclasses.asdict(m).items() if not (v is None and k in schema.OMITTED_WHEN_NONE)}
+        for m in plan.models
+    ]
     d["tensors"] = [_tensor_to_dict(t) for t in plan.tensors]
     return d
 
@@ -102,22 +112,28 @@ def _tensor_to_dict(t: TensorPlan) -> dict[str, Any]:
     return d
 
 
-def plan_from_dict(d: dict[str, Any]) -> Plan:
+def plan_from_dict(d: dict[str, Any], where: str = "plan") -> Plan:
+    """The Plan in a decoded body; PlanFormatError naming the first field that is not
+    acceptable (type, range, unknown key: plan/schema.py)."""
     try:
-        models = [ModelRef(**m) for m in d["models"]]
-        tensors = []
-        for t in d["tensors"]:
-            t = dict(t)
-            t["shape"] = tuple(int(x) for x in t["shape"])
-            t["contributions"] = [Contribution(**c) for c in t["contributions"]]
-            tensors.append(TensorPlan(**t))
-        rest = {k: v for k, v in d.items() if k not in ("models", "tensors")}
-        return Plan(models=models, tensors=tensors, **rest)
-    except (KeyError, TypeError) as e:
-        raise PlanFormatError(f"plan body does not have the v{FORMAT_VERSION} layout ({e}); the file is corrupt") from e
+        return schema.plan(d)
+    except schema.Corrupt as e:
+        raise _hostile(where, e) from None
+
+
+def _hostile(where: str, e: schema.Corrupt) -> PlanFormatError:
+    return PlanFormatError(
+        f"{where}: {e.path or 'plan body'} {e.problem}; the plan is corrupt or hostile: "
+        "re-create it with `mergeplan plan` or get a fresh copy from its author"
+    )
 
 
 # -- bytes -------------------------------------------------------------------------------
+def canonical_bytes(obj: Any) -> bytes:
+    """Canonical msgpack of any plain value (sorted keys, typed arrays): for digests."""
+    return msgpack.packb(_canon(obj), default=_default, use_bin_type=True)
+
+
 def encode_body(plan: Plan) -> bytes:
     return msgpack.packb(_canon(plan_to_dict(plan)), default=_default, use_bin_type=True)
 
@@ -156,13 +172,20 @@ def decode_plan(data: bytes, where: str = "plan") -> Plan:
         raise PlanFormatError(f"{where}: plan digest does not match its contents (corrupt or edited by hand); re-create it or restore a copy")
     try:
         d = msgpack.unpackb(body, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
-    except PlanFormatError:
-        raise
-    except Exception as e:
+    except schema.Corrupt as e:
+        raise _hostile(where, e) from None
+    except Exception as e:  # msgpack: bad bytes, truncation, nesting deeper than its stack
         raise PlanFormatError(f"{where}: plan body is corrupt ({type(e).__name__}); re-create it with `mergeplan plan`") from e
-    if not isinstance(d, dict):
-        raise PlanFormatError(f"{where}: plan body is not a map; the file is corrupt")
-    return plan_from_dict(d)
+    plan = plan_from_dict(d, where)
+    # One encoding per plan: the file's digest is then always plan_digest(plan), and two
+    # bodies that differ in bytes (key order, number widths, duplicate keys) never decode
+    # to the same plan.
+    if encode_body(plan) != body:
+        raise PlanFormatError(
+            f"{where}: plan body is not canonical (key order, number encoding or duplicate keys differ from "
+            "what mergeplan writes); the plan is corrupt or hostile: re-create it with `mergeplan plan`"
+        )
+    return plan
 
 
 def read_plan(path: str | os.PathLike) -> Plan:

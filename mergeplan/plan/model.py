@@ -14,7 +14,9 @@ from typing import Any, Iterator
 import numpy as np
 
 FORMAT_NAME = "mergeplan"
-FORMAT_VERSION = 1
+# 2: fingerprints carry per-tensor and copied-file sha256 digests that apply must check;
+# a v1 reader would ignore them, so v2 plans are refused there rather than half-checked.
+FORMAT_VERSION = 2
 
 ROLE_BASE = "base"
 ROLE_TASK = "task"
@@ -31,6 +33,9 @@ class ModelRef:
     role: str
     path: str  # as the recipe gave it; apply may remap it with --model NAME=PATH
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    # {"repo": "org/name", "revision": <commit>} when the model came from the Hugging Face
+    # cache: a receiver without the path fetches exactly that commit.
+    hub: dict[str, str] | None = None
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""Content digests of input tensors and copied files: recorded by the planner, checked by apply.
+
+Why per tensor: apply reads every byte of every tensor it merges anyway, so hashing what
+it reads, in the worker threads that read it (hashlib releases the GIL on large updates),
+catches any changed byte at a few per cent of the wall time, where a separate sha256 pass
+over whole shards would read everything twice. The shard header (hashed separately) and
+the safetensors rule that tensors tile the data region leave no byte of a shard uncovered.
+
+In a plan a model's fingerprint holds the digests as one bin of 32-byte sha256 values in
+the order of its `tensors` table (`tensor_sha256`), and the copied files as
+`files: [{file, size, sha256}]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import torch
+
+from mergeplan.errors import InputMismatchError, MergeplanError
+
+DIGEST_SIZE = 32
+
+
+def tensor_sha256(t: torch.Tensor) -> bytes:
+    """sha256 of a tensor's bytes as stored (row-major, little-endian)."""
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return hashlib.sha256(memoryview(flat.contiguous().view(torch.uint8).numpy())).digest()
+
+
+def pack(digests: list[bytes]) -> bytes:
+    return b"".join(digests)
+
+
+def table(fingerprint: dict) -> dict[str, bytes]:
+    """tensor name -> recorded sha256 (empty when the plan recorded none)."""
+    blob = fingerprint.get("tensor_sha256")
+    names = [t[0] for t in fingerprint.get("tensors", [])]
+    if blob is None:
+        return {}
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) != DIGEST_SIZE * len(names):
+        raise MergeplanError("malformed tensor digests in the plan's fingerprint; the plan is corrupt")
+    return {n: bytes(blob[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]) for i, n in enumerate(names)}
+
+
+def mismatch(where: str, name: str, file: str) -> InputMismatchError:
+    return InputMismatchError(
+        f"{where}: tensor {name} (shard {file}) differs from the bytes the plan was made from (sha256); "
+        "the input changed since planning: restore it, point --model at the original, or re-plan"
+    )
+
+
+class SequentialCheck:
+    """sha256 of one tensor fed in order, slice by slice, from any thread; a slice that
+    does not continue where the last one ended is not fed (later passes re-read slices)."""
+
+    def __init__(self, want: bytes, nbytes: int, where: str, name: str, file: str):
+        self.want, self.nbytes = want, nbytes
+        self.where, self.name, self.file = where, name, file
+        self._h = hashlib.sha256()
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def feed(self, offset: int, data) -> None:
+        with self._lock:
+            if offset == self._pos and self._pos < self.nbytes:
+                self._h.update(data)
+                self._pos += len(data)
+
+    def finish(self) -> None:
+        """Raise InputMismatchError if the bytes fed differ; a tensor not read whole is re-read."""
+        if self._pos != self.nbytes:
+            raise RuntimeError(f"tensor {self.name} was not read whole before its check")  # a bug, not input
+        if self._h.digest() != self.want:
+            raise mismatch(self.where, self.name, self.file)
+
+
+def file_sha256(fd: int, size: int, chunk: int = 8 << 20) -> str:
+    """sha256 hex of the first `size` bytes of an open file (read with pread)."""
+    h = hashlib.sha256()
+    off = 0
+    while off < size:
+        b = os.pread(fd, min(chunk, size - off), off)
+        if not b:
+            break
+        h.update(b)
+        off += len(b)
+    return h.hexdigest()
