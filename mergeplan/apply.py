@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, inpu
 # into a per-thread buffer (every pass then slices memory); larger ones are read slice by
 # slice from the shards in every pass.
 _IN_MEMORY_INPUTS = 96 << 20
+# Seconds each tensor waits before it is merged: lets the signal tests interrupt a tiny
+# merge mid-run. Unset (0) in normal use.
+_DEBUG_DELAY = float(os.environ.get("MERGEPLAN_DEBUG_TENSOR_DELAY", "0") or 0)
 
 
 @dataclass
@@ -77,7 +81,12 @@ def model_paths(plan: Plan, remap: dict[str, str], plan_path: str | None = None)
     paths = {}
     for m in plan.models:
         ref = remap.get(m.id, m.path)
-        base_dir = next((b for b in bases if (b / ref).is_dir()), bases[-1])
+        base_dir = next((b for b in bases if (b / ref).is_dir()), None)
+        if base_dir is None and m.id not in remap and isinstance(m.hub, dict):
+            # Not here under the planner's path: the exact hub commit it was made from
+            # (from the local cache when there, which is what HF_HUB_OFFLINE=1 allows).
+            ref = f"{m.hub.get('repo')}@{m.hub.get('revision')}"
+        base_dir = base_dir or bases[-1]
         try:
             paths[m.id] = resolve_model_path(ref, base_dir)
         except MergeplanError as e:
@@ -149,6 +158,8 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             return _working_set(tp, recipe_to_torch(tp.dtype), nbytes, on_cpu and streamable(plan, tp), len(ids))
 
         def one(tp) -> None:
+            if _DEBUG_DELAY:
+                time.sleep(_DEBUG_DELAY)
             out_dtype = recipe_to_torch(tp.dtype)
             ids = _models_of(plan, tp)
             nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
@@ -163,7 +174,12 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
                     ws = workspaces.setdefault(threading.get_ident(), {})
                     src = src.in_memory(_grown(ws, "in", torch.uint8, src.nbytes()))
                     out_buf = _grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape))
-                result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
+                try:
+                    result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
+                except MergeplanError:
+                    # A changed input shows as a mask digest or NaN error too; name the cause.
+                    files.verify(complete_only=True)
+                    raise
                 files.verify()  # every input byte this tensor used, hashed as it was read
                 del src, files
             else:
@@ -215,6 +231,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         _write_new(tmp / "README.md", model_card(plan, prov), mode)
         _write_new(tmp / "mergeplan.json", provenance_json(prov), mode)
         files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+        interrupt.defer()  # a signal from here on cannot fail a run whose output has landed
         if interrupt.requested():
             raise KeyboardInterrupt  # a signal whose exception Python dropped: never land
         slot.commit(opts.force)

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import MergeplanError
+from .safetext import markup as _markup
 
 app = typer.Typer(
     name="mergeplan",
@@ -81,7 +82,7 @@ def plan(
     _check_plan_output(output, force)  # before minutes of calibration, not after
     rec = load_recipe(recipe)
     for note in rec.notes:
-        err.print(f"note: {_safe(note)}")
+        err.print(f"note: {_markup(note)}")
     if fast_hash:
         err.print("note: --fast-hash is no longer needed: tensor digests are computed while planning reads the weights")
     t0 = time.perf_counter()
@@ -91,16 +92,9 @@ def plan(
     _check_plan_output(output, force)  # it may have appeared while planning
     write_plan(p, output)
     if not quiet:
-        err.print(f"wrote {_safe(output)} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
+        err.print(f"wrote {_markup(output)} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
                   f"{len(p.models)} models) in {time.perf_counter() - t0:.1f}s")
     out.print(decision_digest(p))
-
-
-def _safe(v: object) -> str:
-    """A path or string from the user or a plan, safe to print through rich."""
-    from rich.markup import escape
-
-    return escape("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(v)))
 
 
 def _check_plan_output(output: Path, force: bool) -> None:
@@ -133,10 +127,10 @@ def apply(
         res = apply_plan(p, out_dir, ApplyOptions(threads=threads, force=force, full_verify=full_verify,
                                                   remap=_parse_remap(model), device=_device(device),
                                                   progress=prog.update, plan_path=str(plan_file),
-                                                  note=lambda s: err.print(f"note: {_safe(s)}")))
+                                                  note=lambda s: err.print(f"note: {_markup(s)}")))
     if not quiet:
         dt = time.perf_counter() - t0
-        err.print(f"wrote {_safe(res.out_dir)} ({res.tensors} tensors, {len(res.files)} files) "
+        err.print(f"wrote {_markup(res.out_dir)} ({res.tensors} tensors, {len(res.files)} files) "
                   f"in {dt:.1f}s, {res.bytes_read / 1e9 / max(dt, 1e-9):.2f} GB/s read")
 
 
@@ -170,16 +164,18 @@ def validate(
     from .plan.codec import read_plan
     from .validate import check_inputs, check_plan
 
+    from .safetext import markup
+
     p = read_plan(plan_file)  # digest and version are checked here
     problems = check_plan(p)
     if problems:
-        for pr in problems:
-            err.print(f"[red]error[/]: {pr}")
+        for pr in problems:  # they quote the plan's own strings
+            err.print(f"[red]error[/]: {markup(pr)}", emoji=False)
         raise typer.Exit(1)
     out.print(f"plan ok: {len(p.tensors)} tensors, {len(p.models)} models")
     if inputs:
         for line in check_inputs(p, _parse_remap(model), full=full, plan_path=str(plan_file)):
-            out.print(line)
+            out.print(markup(line), emoji=False)
 
 
 @app.command()
@@ -222,20 +218,31 @@ def review(
 def main() -> None:
     from . import interrupt
 
-    interrupt.install()  # SIGTERM/SIGHUP clean up like Ctrl-C
+    restore = interrupt.install()  # SIGTERM/SIGHUP clean up like Ctrl-C
+    try:
+        _main()
+    finally:
+        restore()
+
+
+def _main() -> None:
+    from .safetext import markup
+
     try:
         app()
     except MergeplanError as e:
         if os.environ.get("MERGEPLAN_TRACEBACK"):
             raise
-        err.print(f"[bold red]error[/]: {e}", soft_wrap=True)
+        # Messages quote plan strings, paths and recipe text: escaped, or a "[/bold]" in a
+        # model id would raise here and an ESC would reach the terminal.
+        err.print("[bold red]error[/]: " + markup(e), soft_wrap=True, emoji=False)
         sys.exit(e.exit_code)
     except OSError as e:
         # Permissions, a vanished disk...: say what and where, in one line.
         if os.environ.get("MERGEPLAN_TRACEBACK"):
             raise
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        err.print(f"[bold red]error[/]: {e.strerror or e}{where}", soft_wrap=True)
+        err.print("[bold red]error[/]: " + markup(f"{e.strerror or e}{where}"), soft_wrap=True, emoji=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")

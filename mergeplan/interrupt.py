@@ -13,27 +13,49 @@ import signal
 import threading
 
 _requested: list[int] = []
+_deferred: list[bool] = []
 
 
 def requested() -> bool:
     return bool(_requested)
 
 
+def defer() -> None:
+    """From now on a signal is only recorded: called when the result is about to land whole
+    (after a last `requested()` check), so a late Ctrl-C cannot turn a complete, renamed
+    output into a failed run."""
+    _deferred.append(True)
+
+
 def reset() -> None:
     _requested.clear()
+    _deferred.clear()
 
 
 def _handler(signum, frame) -> None:
     _requested.append(signum)
-    if len(_requested) == 1:
+    if len(_requested) == 1 and not _deferred:
         raise KeyboardInterrupt
 
 
-def install() -> None:
-    """Route SIGINT, SIGTERM and SIGHUP to one handler (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, _handler):
-            signal.signal(sig, _handler)
+def install():
+    """Route SIGINT, SIGTERM and SIGHUP to one handler (main thread only, and only where
+    the default is in place: an ignored SIGHUP under nohup stays ignored). Returns a
+    function that puts the previous handlers back."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        reset()
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, _handler):
+                previous[sig] = signal.signal(sig, _handler)
+
+    def restore() -> None:
+        # After a result landed the process is about to exit 0: a signal in between must not
+        # turn that into a failure (the default handler would), so ours stays, recording only.
+        if _deferred:
+            return
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    return restore

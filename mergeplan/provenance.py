@@ -12,15 +12,18 @@ import json
 import re
 
 from . import __version__
+from .safetext import clean
 from .plan.identity import decision_digest, edit_summary
 from .plan.model import Plan
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# Line and paragraph separators and bidi overrides: invisible, yet they break or reorder lines.
+_LAYOUT = re.compile("[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _visible(s: object) -> str:
-    """Control and bidi characters as \\uXXXX, so no line can be forged or reordered."""
-    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(s))
+    """Control characters (but newlines) and layout characters shown escaped, so no line
+    can be forged, hidden or reordered."""
+    return _LAYOUT.sub(lambda m: f"\\u{ord(m.group()):04x}", clean(s, keep_newlines=True))
 
 
 def _cell(s: object) -> str:

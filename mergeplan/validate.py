@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+
+import numpy as np
+
 from .errors import InputMismatchError, MergeplanError, PlanFormatError
 from .io.modeldir import ModelDir
+from .methods.masks import check_spec
 from .methods.registry import METHODS
-from .plan.model import OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Plan
+from .plan.model import OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Plan, TensorPlan
 
 
 def check_plan(plan: Plan) -> list[str]:
-    """Everything apply relies on, as a list of problems (empty when the plan is sound)."""
+    """Everything apply relies on, as a list of problems (empty when the plan is sound).
+
+    Works on any plan the reader accepts (plan/schema.py fixed the types) and never
+    raises: a received plan may be hostile, and `validate` lists all its problems. The
+    strings in the problems are the plan's own; printers escape them (safetext)."""
     problems: list[str] = []
-    ids = [m.id for m in plan.models]
-    if len(set(ids)) != len(ids):
-        problems.append("duplicate model ids: " + ", ".join(sorted({i for i in ids if ids.count(i) > 1})))
-    if plan.method not in METHODS:
+    counts = Counter(m.id for m in plan.models)
+    if len(counts) != len(plan.models):
+        problems.append("duplicate model ids: " + ", ".join(sorted(i for i, n in counts.items() if n > 1)))
+    ids = set(counts)
+    spec = METHODS.get(plan.method)
+    if spec is None:
         problems.append(f"unknown method {plan.method!r} (plan from another mergeplan?)")
-    elif METHODS[plan.method].needs_base and sum(m.role == ROLE_BASE for m in plan.models) != 1:
+    elif spec.needs_base and sum(m.role == ROLE_BASE for m in plan.models) != 1:
         problems.append(f"method {plan.method} needs exactly one base model")
     for m in plan.models:
         if m.role not in (ROLE_BASE, ROLE_TASK):
             problems.append(f"model {m.id}: unknown role {m.role!r}")
-    seen = set()
+    if plan.out_dtype is not None and not _float_dtype(plan.out_dtype):
+        problems.append(f"output dtype {plan.out_dtype!r} is not one mergeplan writes (bfloat16, float16, float32)")
+    seen: set[str] = set()
     for t in plan.tensors:
         if t.name in seen:
             problems.append(f"{t.name}: listed twice")
@@ -30,31 +43,76 @@ def check_plan(plan: Plan) -> list[str]:
         if t.op == OP_COPY:
             if t.source not in ids:
                 problems.append(f"{t.name}: copies from unknown model {t.source!r}")
-            continue
-        if t.op != OP_MERGE:
+        elif t.op != OP_MERGE:
             problems.append(f"{t.name}: unknown operation {t.op!r}")
+        else:
+            problems += _merge_problems(t, ids, spec)
+    return problems
+
+
+def _float_dtype(name: str) -> bool:
+    from .io.tensors import recipe_to_torch
+
+    try:
+        recipe_to_torch(name)
+    except MergeplanError:
+        return False
+    return True
+
+
+def _merge_problems(t: TensorPlan, ids: set[str], spec) -> list[str]:
+    problems = []
+    if 0 in t.shape:
+        problems.append(f"{t.name}: shape {list(t.shape)} has no elements; there is nothing to merge")
+    if not _float_dtype(t.dtype):
+        problems.append(f"{t.name}: output dtype {t.dtype!r} is not one mergeplan writes (bfloat16, float16, float32)")
+    lam = t.params.get("lambda", 1.0)
+    if not math.isfinite(lam):
+        problems.append(f"{t.name}: lambda {lam} is not finite")
+    order = t.params.get("cabs_order")
+    if order is not None and sorted(order) != list(range(len(t.contributions))):
+        problems.append(f"{t.name}: cabs_order {order} is not an order of its {len(t.contributions)} contributions")
+    numel = math.prod(t.shape)
+    models: set[str] = set()
+    for c in t.contributions:
+        where = f"{t.name} [{c.model}]"
+        if c.model not in ids:
+            problems.append(f"{t.name}: contribution from unknown model {c.model!r}")
+        if c.model in models:
+            problems.append(f"{where}: contributes twice")
+        models.add(c.model)
+        if not math.isfinite(c.weight):
+            problems.append(f"{where}: weight {c.weight} is not finite")
+        if c.mask is None:
             continue
-        numel = math.prod(t.shape)
-        for c in t.contributions:
-            if c.model not in ids:
-                problems.append(f"{t.name}: contribution from unknown model {c.model!r}")
-            if not math.isfinite(c.weight):
-                problems.append(f"{t.name} [{c.model}]: weight {c.weight} is not finite")
-            if c.mask is not None:
-                d = c.density
-                if not 0.0 < d <= 1.0:
-                    problems.append(f"{t.name} [{c.model}]: density {d:g} outside (0, 1]")
-                bits = c.mask.get("bits")
-                if bits is not None and len(bits) != (numel + 7) // 8:
-                    problems.append(f"{t.name} [{c.model}]: explicit mask has {len(bits)} bytes, expected {(numel + 7) // 8}")
-        if t.relax is not None:
-            axis = int(t.relax.get("axis", -1)) % max(1, len(t.shape))
-            n = len(t.relax.get("scores", []))
-            if n != t.shape[axis]:
-                problems.append(f"{t.name}: AIM scores have {n} entries, tensor axis {axis} has {t.shape[axis]}")
-            om = float(t.relax.get("omega", 0.0))
-            if not 0.0 <= om <= 1.0:
-                problems.append(f"{t.name}: AIM omega {om:g} outside [0, 1]")
+        if spec is not None and spec.mask_kind is None:
+            problems.append(f"{where}: method {spec.name} does not sparsify, but the plan has a mask")
+        try:
+            check_spec(c.mask, where)
+        except MergeplanError as e:
+            problems.append(str(e))
+        d = c.density
+        if not 0.0 < d <= 1.0:
+            problems.append(f"{where}: density {d:g} outside (0, 1]")
+        bits = c.mask.get("bits")
+        if bits is not None and len(bits) != (numel + 7) // 8:
+            problems.append(f"{where}: explicit mask has {len(bits)} bytes, expected {(numel + 7) // 8}")
+    if t.relax is not None:
+        problems += _relax_problems(t)
+    return problems
+
+
+def _relax_problems(t: TensorPlan) -> list[str]:
+    problems = []
+    axis, scores, om = t.relax["axis"], t.relax["scores"], t.relax["omega"]
+    if not -len(t.shape) <= axis < len(t.shape):
+        problems.append(f"{t.name}: AIM axis {axis} does not exist in a {len(t.shape)}-d tensor")
+    elif len(scores) != t.shape[axis]:
+        problems.append(f"{t.name}: AIM scores have {len(scores)} entries, tensor axis {axis} has {t.shape[axis]}")
+    if not np.isfinite(scores).all():
+        problems.append(f"{t.name}: AIM scores hold NaN or infinite values")
+    if not 0.0 <= om <= 1.0:
+        problems.append(f"{t.name}: AIM omega {om:g} outside [0, 1]")
     return problems
 
 

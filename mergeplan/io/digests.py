@@ -71,6 +71,10 @@ class SequentialCheck:
                 self._h.update(data)
                 self._pos += len(data)
 
+    @property
+    def complete(self) -> bool:
+        return self._pos == self.nbytes
+
     def finish(self) -> None:
         """Raise InputMismatchError if the bytes fed differ; a tensor not read whole is re-read."""
         if self._pos != self.nbytes:

@@ -215,7 +215,7 @@ class ModelDir:
             {
                 "file": f,
                 "size": self._headers[f].file_size,
-                "header_sha256": hashlib.sha256(self._headers[f].raw).hexdigest(),
+                "header_sha256": self._headers[f].sha256,
                 "sha256": s,
             }
             for f, s in zip(files, sums)
@@ -283,7 +283,7 @@ class ModelDir:
                 raise InputMismatchError(
                     f"{where}: shard {f} is {hdr.file_size} bytes, the plan recorded {rec.get('size')}"
                 )
-            if rec.get("header_sha256") != hashlib.sha256(hdr.raw).hexdigest():
+            if rec.get("header_sha256") != hdr.sha256:
                 raise InputMismatchError(
                     f"{where}: shard {f} header (tensor layout/metadata) differs from the one recorded"
                 )
@@ -393,6 +393,8 @@ def _find_shards(p: Path) -> list[str]:
         if not files:
             raise MergeplanError(f"{index} maps no tensors to shards; re-download the model")
         for f in files:
+            if os.path.exists(p / f) and not (p / f).is_file():
+                raise MergeplanError(f"shard {p / f} is not a regular file; refusing to read it")
             if not (p / f).is_file():
                 raise MergeplanError(
                     f"shard {f} named by {index} is missing from {p}; re-download the model"
