@@ -9,8 +9,11 @@ fine-tunes are base + small noise), --scale 2 doubles the layers. Then, on the w
 cache, times in fresh child processes:
   - copy floor: read every tensor of the 4 models through ModelDir, write the base through
     ShardWriter (what any streaming merge has to do at least);
-  - `mergeplan plan` (full sha256 fingerprints, and --fast-hash) and `mergeplan apply`, TIES
-    density 0.5, at each --threads; the outputs of all thread counts must be byte-identical;
+  - `mergeplan plan` (per-tensor sha256 recorded while it reads; and --full-hash, which adds
+    whole-shard sha256) and `mergeplan apply`, TIES density 0.5, at each --threads, with
+    every input byte checked against the plan's digests as it is read, and the same plan
+    without its content digests ("unverified": what apply cost before it checked bytes), run
+    alternately; the outputs of all runs must be byte-identical;
   - `mergekit-yaml` 0.1.5 on the same recipe, if found (benchmark only, never a dependency:
     `python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit==0.1.5`).
 Peak RSS is each child's own ru_maxrss (os.wait4). This parent never imports torch: on
@@ -170,6 +173,17 @@ def _copy_floor(fam: Path, out: Path) -> None:
     write_index(out, layouts)
 
 
+def _strip_digests(src: Path, dst: Path) -> None:
+    """Child process: the plan without content digests (apply then checks headers only)."""
+    from mergeplan.plan.codec import read_plan, write_plan
+
+    p = read_plan(src)
+    for m in p.models:
+        m.fingerprint.pop("tensor_sha256", None)
+        m.fingerprint.pop("files", None)
+    write_plan(p, dst)
+
+
 def run_child(cmd: list[str], label: str, env: dict | None = None) -> dict:
     """Run cmd, return wall seconds and the child's own peak RSS (bytes)."""
     t0 = time.perf_counter()
@@ -241,7 +255,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--_gen", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_copy", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_strip", nargs=2, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a._strip:
+        _strip_digests(Path(a._strip[0]), Path(a._strip[1]))
+        return
     if a._gen:
         _generate(Path(a._gen), a.scale)
         return
@@ -272,24 +290,38 @@ def main() -> None:
     if "plan" in runs:
         results["plan"] = run_child(mergeplan_cmd("plan", str(work / "ties.yaml"), "-o", str(work / "ties.plan"), "-q"),
                                     "mergeplan plan")
-    elif "apply" in runs:  # apply needs a plan; the quick one will do
-        run_child(mergeplan_cmd("plan", str(work / "ties.yaml"), "-o", str(work / "ties.plan"), "--fast-hash", "-q"),
-                  "mergeplan plan --fast-hash")
+    elif "apply" in runs:  # apply needs a plan
+        run_child(mergeplan_cmd("plan", str(work / "ties.yaml"), "-o", str(work / "ties.plan"), "-q"),
+                  "mergeplan plan")
     if "plan" in runs:
-        results["plan_fast"] = run_child(
-            mergeplan_cmd("plan", str(work / "ties.yaml"), "-o", str(work / "fast.plan"), "--fast-hash", "-q"),
-            "mergeplan plan --fast-hash")
+        results["plan_full"] = run_child(
+            mergeplan_cmd("plan", str(work / "ties.yaml"), "-o", str(work / "full.plan"), "--full-hash", "-q"),
+            "mergeplan plan --full-hash")
     digests = {}
     if "apply" in runs:
+        subprocess.run([sys.executable, __file__, "--_strip", str(work / "ties.plan"), str(work / "unverified.plan")],
+                       check=True)
         for th in [int(x) for x in a.threads.split(",") if x]:
-            out = work / f"apply-t{th}"
-            results[f"apply_t{th}"] = run_child(
-                mergeplan_cmd("apply", str(work / "ties.plan"), str(out), "--threads", str(th), "-q"),
-                f"mergeplan apply --threads {th}")
-            digests[th] = tree_digest(out)
-            shutil.rmtree(out)
+            # Alternate, so slow drift in the machine's load hits both alike.
+            for key, plan_name, label in ((f"apply_t{th}_unverified", "unverified.plan", "unverified"),
+                                          (f"apply_t{th}", "ties.plan", "checked"),
+                                          (f"apply_t{th}_unverified2", "unverified.plan", "unverified"),
+                                          (f"apply_t{th}_2", "ties.plan", "checked")):
+                out = work / f"apply-{key}"
+                results[key] = run_child(
+                    mergeplan_cmd("apply", str(work / plan_name), str(out), "--threads", str(th), "-q"),
+                    f"apply --threads {th} {label}")
+                digests[key] = tree_digest(out)
+                shutil.rmtree(out)
+            for suffix in ("", "_unverified"):
+                a1, a2 = results[f"apply_t{th}{suffix}"], results.pop(f"apply_t{th}{suffix}{'2' if suffix else '_2'}")
+                a1["wall_s"] = min(a1["wall_s"], a2["wall_s"])
+                a1["cpu_s"] = min(a1["cpu_s"], a2["cpu_s"])
+                a1["rss"] = max(a1["rss"], a2["rss"])
+            ratio = results[f"apply_t{th}"]["wall_s"] / results[f"apply_t{th}_unverified"]["wall_s"]
+            print(f"  --threads {th}: checking every input byte costs {100 * (ratio - 1):+.1f}% wall (best of 2 each)")
         same = len(set(digests.values())) <= 1
-        print(f"  outputs identical across --threads {sorted(digests)}: {same}")
+        print(f"  outputs identical across runs: {same}")
         if not same:
             raise SystemExit(f"outputs differ across thread counts: {digests}")
     mk = None if a.no_mergekit or "mergekit" not in runs else find_mergekit(a.mergekit_bin)
@@ -304,21 +336,22 @@ def main() -> None:
 
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")
     print()
-    print(table(results, nbytes, a.scale, sorted(digests)))
+    print(table(results, nbytes, a.scale, [int(x) for x in a.threads.split(",") if x] if "apply" in runs else []))
     if a.json:
         Path(a.json).write_text(json.dumps({"input_bytes": nbytes, "scale": a.scale, "results": results}, indent=2))
 
 
 def table(results: dict[str, dict], nbytes: int, scale: int, threads: list[int]) -> str:
-    names = {"copy": "copy floor (read 4, write base)", "plan": "mergeplan plan (full sha256)",
-             "plan_fast": "mergeplan plan --fast-hash", "mergekit": "mergekit-yaml 0.1.5 (bf16)"}
-    names.update({f"apply_t{t}": f"mergeplan apply --threads {t}" for t in threads})
+    names = {"copy": "copy floor (read 4, write base)", "plan": "mergeplan plan (tensor sha256)",
+             "plan_full": "mergeplan plan --full-hash", "mergekit": "mergekit-yaml 0.1.5 (bf16)"}
+    names.update({f"apply_t{t}": f"mergeplan apply --threads {t} (every byte checked)" for t in threads})
+    names.update({f"apply_t{t}_unverified": f"apply --threads {t}, plan without digests" for t in threads})
     copy = results.get("copy")
     mk = results.get("mergekit")
     rows = [f"Family: base + 3 fine-tunes, {nbytes / 4e9:.2f} GB bf16 each (scale {scale}); TIES density 0.5.", "",
             "| run | wall s | CPU s | peak RSS GiB | input GB/s | time / copy floor | speed-up vs mergekit | RSS / mergekit |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for key in ["copy", "plan", "plan_fast"] + [f"apply_t{t}" for t in threads] + ["mergekit"]:
+    for key in ["copy", "plan", "plan_full"] + [k for t in threads for k in (f"apply_t{t}_unverified", f"apply_t{t}")] + ["mergekit"]:
         r = results.get(key)
         if r is None:
             continue

@@ -14,7 +14,7 @@ if [ ! -f "$FAMILY/base/config.json" ]; then
 fi
 recipe=${1:-samples/recipes/ties.yaml}
 name=$(basename "$recipe" .yaml)
-mergeplan plan "$recipe" -o "$OUT/$name.plan"
+mergeplan plan "$recipe" -o "$OUT/$name.plan" --force  # the demo re-creates its plan on every run
 mergeplan show "$OUT/$name.plan"
 mergeplan validate "$OUT/$name.plan" --inputs
 mergeplan apply "$OUT/$name.plan" "$OUT/$name" --force
