@@ -51,11 +51,10 @@ def install():
                 previous[sig] = signal.signal(sig, _handler)
 
     def restore() -> None:
-        # After a result landed the process is about to exit 0: a signal in between must not
-        # turn that into a failure (the default handler would), so ours stays, recording only.
-        if _deferred:
-            return
+        # After a result landed the process is about to exit 0, and a signal during the
+        # interpreter's teardown would still kill it with the default disposition (Python
+        # puts SIG_DFL back for handlers it ran, but leaves SIG_IGN alone): ignore them.
         for sig, h in previous.items():
-            signal.signal(sig, h)
+            signal.signal(sig, signal.SIG_IGN if _deferred else h)
 
     return restore

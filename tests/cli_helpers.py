@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +14,9 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     capsys.readouterr()
     old = sys.argv
     sys.argv = ["mergeplan", *map(str, args)]
+    # main() leaves signals ignored after an apply landed (the process is about to exit);
+    # this process goes on, so it gets its own handlers back.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     code = 0
     try:
         main()
@@ -20,6 +24,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old
+        for s, h in handlers.items():
+            signal.signal(s, h)
     out = capsys.readouterr()
     return code, out.out, out.err
 
