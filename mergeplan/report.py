@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .execute import aim_factors
 from .plan.codec import plan_digest
 from .plan.diff import DiffRow
 from .plan.model import OP_MERGE, Plan
 from .plan.names import parse_name
+from .safetext import clean, markup, text
 
 
 def _jsonable(v: Any) -> Any:
@@ -95,27 +98,30 @@ def _fmt(v: Any) -> str:
 
 
 def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = False) -> None:
-    console.print(f"[bold]{path}[/]  {plan_digest(plan)}")
-    console.print(f"method [bold]{plan.method}[/]  seed {plan.seed}  out dtype {plan.out_dtype or 'as inputs'}  "
-                  f"mergeplan {plan.mergeplan_version}  created {plan.created}")
+    # Every plan string is escaped (markup) or wrapped (text): the plan may be hostile.
+    say = partial(console.print, emoji=False)
+    say(f"[bold]{markup(path)}[/]  {plan_digest(plan)}")
+    say(f"method [bold]{markup(plan.method)}[/]  seed {plan.seed}  out dtype {markup(plan.out_dtype or 'as inputs')}  "
+        f"mergeplan {markup(plan.mergeplan_version)}  created {markup(plan.created)}")
     if plan.params:
-        console.print("params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(plan.params.items())))
+        say("params: " + _pairs(sorted(plan.params.items())))
     for n in plan.notes:
-        console.print(f"note: {n}")
+        say(f"note: {markup(n)}")
     mt = Table(title="models", title_justify="left")
     for col in ("id", "role", "path", "shards", "size"):
         mt.add_column(col)
+    rows = []
     for m in plan.models:
         shards = m.fingerprint.get("shards", [])
-        mt.add_row(m.id, m.role, m.path, str(len(shards)), f"{sum(s['size'] for s in shards) / 1e6:,.1f} MB")
-    console.print(mt)
+        rows.append([m.id, m.role, m.path, str(len(shards)), f"{sum(s['size'] for s in shards) / 1e6:,.1f} MB"])
+    print_table(console, mt, rows)
     if plan.guides:
         for g, v in sorted(plan.guides.items()):
-            console.print(f"guide [bold]{g}[/]: " + ", ".join(f"{k}={_fmt(x)}" for k, x in sorted(_jsonable(v).items())
-                                                            if not isinstance(x, (dict, list))))
+            say(f"guide [bold]{markup(g)}[/]: "
+                + _pairs((k, x) for k, x in sorted(_jsonable(v).items()) if not isinstance(x, (dict, list))))
     if plan.calibration:
         cal = _jsonable(plan.calibration)
-        console.print("calibration: " + ", ".join(f"{k}={_fmt(x)}" for k, x in sorted(cal.items()) if not isinstance(x, (dict, list))))
+        say("calibration: " + _pairs((k, x) for k, x in sorted(cal.items()) if not isinstance(x, (dict, list))))
     _print_sens(console, plan)
     rows = layer_summary(plan)
     ids = [m.id for m in plan.task_models]
@@ -127,31 +133,62 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
         t = Table(title=f"{title} per layer", title_justify="left")
         t.add_column("layer", justify="right")
         for i in cols:
-            t.add_column(i, justify="right")
-        for r in rows:
-            t.add_row(str(r["layer"]), *[_fmt(r.get(f"{qty}:{i}", "")) for i in cols])
-        console.print(t)
+            t.add_column(text(i), justify="right")
+        print_table(console, t, [[str(r["layer"]), *[_fmt(r.get(f"{qty}:{i}", "")) for i in cols]] for r in rows])
     extra = [c for c in ("lambda", "aim_factor", "overlap") if any(c in r for r in rows)]
     if extra:
         t = Table(title="tensor params per layer", title_justify="left")
         t.add_column("layer", justify="right")
         for c in extra:
             t.add_column({"aim_factor": "AIM factor", "overlap": "mask overlap"}.get(c, c), justify="right")
-        for r in rows:
-            t.add_row(str(r["layer"]), *[_fmt(r.get(c, "")) for c in extra])
-        console.print(t)
+        print_table(console, t, [[str(r["layer"]), *[_fmt(r.get(c, "")) for c in extra]] for r in rows])
     if plan.edit_log:
-        console.print(f"edit log: {len(plan.edit_log)} save(s), last {plan.edit_log[-1].get('time')} "
-                      f"({len(plan.edit_log[-1].get('changes', []))} change(s))")
+        say(f"edit log: {len(plan.edit_log)} save(s), last {markup(plan.edit_log[-1].get('time'))} "
+            f"({len(plan.edit_log[-1].get('changes', []))} change(s))")
     if tensors:
         tt = Table(title="tensors", title_justify="left")
         for col in ("tensor", "op", "shape", "dtype", "models (weight/density)", "mask digest"):
             tt.add_column(col)
+        rows = []
         for t in plan.tensors:
             contrib = " ".join(f"{c.model}={c.weight:.3g}/{c.density:.3g}" for c in t.contributions)
             digests = " ".join((c.mask or {}).get("digest") or ("recompute" if c.mask else "-") for c in t.contributions)
-            tt.add_row(t.name, t.op, "x".join(map(str, t.shape)), t.dtype, contrib, digests[:40])
-        console.print(tt)
+            rows.append([t.name, t.op, "x".join(map(str, t.shape)), t.dtype, contrib, digests[:40]])
+        print_table(console, tt, rows)
+
+
+def _pairs(items) -> str:
+    """k=v, k=v as markup, keys and values escaped."""
+    return ", ".join(f"{markup(k)}={markup(_fmt(v))}" for k, v in items)
+
+
+# rich lays out a Table at about 0.1 ms per cell (benchmarks/diff_bench.py): nothing for a
+# real plan, but seconds for the tens of thousands of rows (or models, as columns) a
+# crafted 1 MB plan can make. Bigger tables print as aligned plain columns, a few
+# microseconds per cell.
+TABLE_CELLS = 4000
+_PLAIN_WIDTH = 60  # widest column padded in plain layout; longer cells just push the rest right
+
+
+def print_table(console: Console, table: Table, rows: list[list[Any]]) -> None:
+    """`table` (its columns set up) filled with `rows`, whose cells are printed literally
+    and with control characters made visible (the cells come from plans)."""
+    cells = [[clean(c) for c in r] for r in rows]
+    if len(cells) * len(table.columns) <= TABLE_CELLS:
+        for r in cells:
+            table.add_row(*map(Text, r))
+        console.print(table)
+        return
+    if table.title:
+        console.print(Text(str(table.title), style="bold"))
+    heads = [clean(c.header.plain if isinstance(c.header, Text) else c.header) for c in table.columns]
+    right = [c.justify == "right" for c in table.columns]
+    widths = [min(_PLAIN_WIDTH, max([len(h)] + [len(r[i]) for r in cells])) for i, h in enumerate(heads)]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(x.rjust(w) if rj else x.ljust(w) for x, w, rj in zip(r, widths, right)).rstrip()
+
+    console.out("\n".join([line(heads)] + [line(r) for r in cells]), highlight=False)
 
 
 def _print_sens(console: Console, plan: Plan) -> None:
@@ -161,13 +198,13 @@ def _print_sens(console: Console, plan: Plan) -> None:
     groups = list(sens.get("groups", []))
     t = Table(title="Sens K*sigma", title_justify="left")
     t.add_column("group")
-    models = list(sens["sigma"])
-    k = len(models)
-    for m in models:
-        t.add_column(m, justify="right")
-    for gi, g in enumerate(groups):
-        t.add_row(str(g), *[f"{k * float(np.asarray(sens['sigma'][m]).ravel()[gi]):.3f}" for m in models])
-    console.print(t)
+    sigma = {m: np.asarray(v).ravel() for m, v in sens["sigma"].items()}
+    k = len(sigma)
+    for m in sigma:
+        t.add_column(text(m), justify="right")
+    # A plan may list more groups than it has values for: those cells stay empty.
+    print_table(console, t, [[str(g), *[f"{k * float(v[gi]):.3f}" if gi < v.size else "-" for v in sigma.values()]]
+                             for gi, g in enumerate(groups)])
 
 
 def _cell(v: Any) -> str:
@@ -180,14 +217,12 @@ def _cell(v: Any) -> str:
 
 def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | str) -> None:
     if not rows:
-        console.print(f"{a} and {b}: no differences")
+        console.print(f"{markup(a)} and {markup(b)}: no differences", emoji=False)
         return
-    console.print(f"{a} -> {b}: {len(rows)} difference(s)")
+    console.print(f"{markup(a)} -> {markup(b)}: {len(rows)} difference(s)", emoji=False)
     t = Table()
     # Tensor names stay whole (a truncated name is useless in a diff); values fold.
     t.add_column("where", no_wrap=True)
     for col in ("model", "field", "old", "new"):
         t.add_column(col, overflow="fold")
-    for r in rows:
-        t.add_row(r.where, r.model or "", r.field, _cell(r.old), _cell(r.new))
-    console.print(t)
+    print_table(console, t, [[r.where, r.model or "", r.field, _cell(r.old), _cell(r.new)] for r in rows])

@@ -8,7 +8,8 @@ silently disappears). Every such string goes through one of these on its way out
 
 - `clean(s)`: C0 and C1 control characters and DEL shown as visible escapes (\\x1b);
   `keep_newlines=True` keeps line breaks where multi-line text is shown on purpose;
-- `markup(s)`: clean, then Rich-escaped: for f-strings passed to console.print;
+- `markup(s)`: clean, then Rich-escaped: for f-strings passed to console.print (with
+  emoji=False, or Rich still turns a ":fire:" in the string into a glyph);
 - `text(s, style)`: clean, as a rich Text, which Rich never parses for markup or emoji
   codes: for table cells and assembled lines.
 """

@@ -62,8 +62,6 @@ def _float_dtype(name: str) -> bool:
 
 def _merge_problems(t: TensorPlan, ids: set[str], spec) -> list[str]:
     problems = []
-    if 0 in t.shape:
-        problems.append(f"{t.name}: shape {list(t.shape)} has no elements; there is nothing to merge")
     if not _float_dtype(t.dtype):
         problems.append(f"{t.name}: output dtype {t.dtype!r} is not one mergeplan writes (bfloat16, float16, float32)")
     lam = t.params.get("lambda", 1.0)
@@ -85,7 +83,7 @@ def _merge_problems(t: TensorPlan, ids: set[str], spec) -> list[str]:
             problems.append(f"{where}: weight {c.weight} is not finite")
         if c.mask is None:
             continue
-        if spec is not None and spec.mask_kind is None:
+        if spec is not None and not spec.needs_base:  # merge_tensor refuses masks there
             problems.append(f"{where}: method {spec.name} does not sparsify, but the plan has a mask")
         try:
             check_spec(c.mask, where)
@@ -109,6 +107,8 @@ def _relax_problems(t: TensorPlan) -> list[str]:
         problems.append(f"{t.name}: AIM axis {axis} does not exist in a {len(t.shape)}-d tensor")
     elif len(scores) != t.shape[axis]:
         problems.append(f"{t.name}: AIM scores have {len(scores)} entries, tensor axis {axis} has {t.shape[axis]}")
+    elif t.shape[axis] == 0:
+        problems.append(f"{t.name}: AIM relaxes along axis {axis}, which has no entries")
     if not np.isfinite(scores).all():
         problems.append(f"{t.name}: AIM scores hold NaN or infinite values")
     if not 0.0 <= om <= 1.0:

@@ -42,3 +42,34 @@ def make_plan(layers: int = 4, models: tuple[str, ...] = ("math", "code"), aim: 
     return Plan(method="ties", models=refs, tensors=tensors, params={"normalize": True}, seed=7,
                 recipe={"path": "recipe.yaml", "text": "merge_method: ties\n"}, mergeplan_version="0.1.0",
                 created="2026-01-01T00:00:00+00:00")
+
+
+def make_full_plan() -> Plan:
+    """A small plan with every part of the format set (fingerprints, explicit mask bits,
+    n:m masks with a CABS order, AIM, Sens statistics, an edit log): the seed for fuzzing."""
+    plan = make_plan(layers=2)
+    for m in plan.models:
+        m.fingerprint = {
+            "shards": [{"file": "model.safetensors", "size": 123456, "header_sha256": "ab" * 32, "sha256": "cd" * 32}],
+            "tensors": [[t.name, "BF16", list(t.shape)] for t in plan.tensors[:3]],
+        }
+    q = plan.tensors[1]
+    q.contributions[0].mask = {"kind": "magnitude", "density": 0.5, "digest": None, "rescale": "none",
+                               "bits": bytes(range(256)) * (q.shape[0] * q.shape[1] // 8 // 256)}
+    q.contributions[1].mask = {"kind": "magnitude", "density": 0.3, "digest": "ab" * 16, "cutoff": [1065353216, 77],
+                               "rescale": "inverse"}
+    k = plan.tensors[2]
+    k.params["cabs_order"] = [1, 0]
+    for c in k.contributions:
+        c.mask = {"kind": "nm", "n": 2, "m": 4, "density": 0.5, "rescale": "none", "digest": "0" * 32}
+    k.stats["kept"] = {"math": 0.5, "code": 0.5}
+    k.stats["overlap"] = 0.0
+    plan.aux_files = ["config.json", "tokenizer.json"]
+    plan.notes = ["int8_mask is accepted for mergekit recipes and ignored"]
+    plan.guides = {"aim": {"omega": 0.4, "summary": "14 tensors relaxed"}}
+    plan.calibration = {"samples": 8, "seq_len": 64, "device": "cpu", "data": {"math": "sha256:" + "0" * 64}}
+    plan.stats = {"sens": {"groups": ["q", "k"], "sigma": {"math": float32_array([0.1, 0.2]),
+                                                            "code": float32_array([0.3, 0.4])}}}
+    plan.edit_log = [{"time": "2026-01-02T00:00:00+00:00", "tool": "review",
+                      "changes": [[k.name, "math", "density", 0.5, 0.75]]}]
+    return plan

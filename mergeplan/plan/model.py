@@ -129,10 +129,14 @@ class Plan:
 
     def _index(self) -> dict[str, int]:
         # Rebuilt when the tensor list changed length; tensors are not renamed in place.
-        cache = getattr(self, "_name_index", None)
-        if cache is None or len(cache) != len(self.tensors):
-            cache = {t.name: i for i, t in enumerate(self.tensors)}
-            object.__setattr__(self, "_name_index", cache)
+        # Keyed on the list's length, not the dict's: with a name listed twice (a corrupt
+        # plan) the two differ, and every lookup would rebuild the index.
+        n, cache = getattr(self, "_name_index", (-1, None))
+        if cache is None or n != len(self.tensors):
+            cache = {}
+            for i, t in enumerate(self.tensors):
+                cache.setdefault(t.name, i)  # the first of a repeated name, as a scan finds it
+            object.__setattr__(self, "_name_index", (len(self.tensors), cache))
         return cache
 
     def iter_contributions(self) -> Iterator[tuple[TensorPlan, Contribution]]:
