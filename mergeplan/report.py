@@ -14,6 +14,7 @@ from rich.text import Text
 
 from .execute import aim_factors
 from .plan.codec import plan_digest
+from .plan.identity import decision_digest, edit_summary
 from .plan.diff import DiffRow
 from .plan.model import OP_MERGE, Plan
 from .plan.names import parse_name
@@ -65,6 +66,8 @@ def layer_summary(plan: Plan) -> list[dict[str, Any]]:
 def plan_json(plan: Plan) -> dict[str, Any]:
     return {
         "digest": plan_digest(plan),
+        "decision_digest": decision_digest(plan),
+        "edits": edit_summary(plan),
         "mergeplan_version": plan.mergeplan_version,
         "created": plan.created,
         "method": plan.method,
@@ -100,7 +103,10 @@ def _fmt(v: Any) -> str:
 def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = False) -> None:
     # Every plan string is escaped (markup) or wrapped (text): the plan may be hostile.
     say = partial(console.print, emoji=False)
-    say(f"[bold]{markup(path)}[/]  {plan_digest(plan)}")
+    say(f"[bold]{markup(path)}[/]  file {plan_digest(plan)}")
+    ed = edit_summary(plan)
+    edited = f"edited by hand: {ed['changes']} change(s) in {ed['sessions']} session(s)" if ed["edited"] else "not edited"
+    say(f"decision digest {decision_digest(plan)}  ({edited})")
     say(f"method [bold]{markup(plan.method)}[/]  seed {plan.seed}  out dtype {markup(plan.out_dtype or 'as inputs')}  "
         f"mergeplan {markup(plan.mergeplan_version)}  created {markup(plan.created)}")
     if plan.params:

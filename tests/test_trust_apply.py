@@ -295,6 +295,17 @@ def test_decision_digest_is_stable_across_replans_and_named_in_the_output(fam, t
     assert digests[0] == digests[1] and digests[0].startswith("sha256:")
     code, out, _ = run_cli(capsys, "diff", tmp_path / "a.plan", tmp_path / "b.plan")
     assert code == 0
+    code, out, _ = run_cli(capsys, "show", tmp_path / "b.plan", "--json")
+    assert json.loads(out)["decision_digest"] == digests[0]
+    # a hand edit changes it; the file digests already differ (created time)
+    from mergeplan.plan.edit import PlanEditor
+
+    p = read_plan(tmp_path / "b.plan")
+    ed = PlanEditor(p)
+    ed.set([("model.layers.0.mlp.down_proj.weight", "math")], "density", 0.25)
+    from mergeplan.plan.identity import decision_digest
+
+    assert decision_digest(ed.plan) != digests[0]
     # a copy of the inputs elsewhere (other paths as typed) still gives the same digest
     moved = copy_family(type("F", (), {"base": fam["base"], "finetunes": {k: fam[k] for k in ("math", "code", "legal")}}),
                         tmp_path / "elsewhere")
@@ -363,3 +374,14 @@ def test_model_card_escapes_every_plan_string(fam, tmp_path, capsys):
     assert all(l.count("|") == 4 for l in rows), rows
     fence = next(l for l in lines if l.startswith("```"))
     assert fence == "`````yaml"  # longer than the 4-backtick run inside the recipe
+
+
+def test_model_card_says_when_a_plan_was_edited(fam, tmp_path, capsys):
+    from mergeplan.provenance import model_card, provenance
+
+    p = read_plan(make_plan(capsys, tmp_path, fam))
+    p.edit_log = [{"time": "2026-01-01T00:00:00+00:00", "tool": "review",
+                   "changes": [["model.norm.weight", "math", "density", 0.5, 0.25]] * 3}]
+    prov = provenance(p, "sha256:file")
+    assert prov["edits"] == {"edited": True, "sessions": 1, "changes": 3, "tools": ["review"]}
+    assert "Edited by hand after planning: yes: 3 value(s) changed in 1 edit session(s) (review)" in model_card(p, prov)
