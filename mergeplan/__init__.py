@@ -1,3 +1,3 @@
 """mergeplan: plan, review and apply reproducible merges of fine-tuned LLMs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
