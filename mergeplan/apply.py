@@ -22,7 +22,7 @@ import torch
 from . import interrupt, malloc
 from .errors import MergeplanError, PlanFormatError
 from .execute import TensorInputs, check_finite, run_tensor
-from .stream import CHUNK, FileSlices, run_streamed, streamable
+from .stream import CHUNK, IN_MEMORY_INPUTS, grown, run_streamed, streamable, tensor_inputs
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards
@@ -36,10 +36,6 @@ from .validate import check_against_inputs, check_plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
 
-# Streamed tensors whose inputs take at most this many bytes together are read whole once
-# into a per-thread buffer (every pass then slices memory); larger ones are read slice by
-# slice from the shards in every pass.
-_IN_MEMORY_INPUTS = 96 << 20
 # Seconds each tensor waits before it is merged: lets the signal tests interrupt a tiny
 # merge mid-run. Unset (0) in normal use.
 _DEBUG_DELAY = float(os.environ.get("MERGEPLAN_DEBUG_TENSOR_DELAY", "0") or 0)
@@ -165,15 +161,9 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
             stream = on_cpu and streamable(plan, tp)
             if stream:
-                files = FileSlices(tp.name, [dirs[base_id] if base_id else None] + [dirs[c.model] for c in tp.contributions],
-                                   [base_id] + [c.model for c in tp.contributions])
-                src, out_buf = files, None
-                if src.nbytes() <= _IN_MEMORY_INPUTS:
-                    # Mid-size tensors: inputs read once into this thread's reused buffers
-                    # (fresh ones would fault in page by page for every tensor).
-                    ws = workspaces.setdefault(threading.get_ident(), {})
-                    src = src.in_memory(_grown(ws, "in", torch.uint8, src.nbytes()))
-                    out_buf = _grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape))
+                ws = workspaces.setdefault(threading.get_ident(), {})
+                files, src = tensor_inputs(tp, (base_id, dirs[base_id]) if base_id else None, dirs, ws)
+                out_buf = grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape)) if src is not files else None
                 try:
                     result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
                 except MergeplanError:
@@ -244,15 +234,6 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         f.write(text)
 
 
-def _grown(ws: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """ws[key], replaced by a larger buffer when it holds fewer than numel elements."""
-    buf = ws.get(key)
-    if buf is None or buf.numel() < numel:
-        ws.pop(key, None)
-        buf = ws[key] = torch.empty(numel, dtype=dtype)
-    return buf
-
-
 def _whole(plan: Plan, tp, dirs: dict[str, ModelDir], device: torch.device, base_id: str | None) -> torch.Tensor:
     """The whole-tensor path: every input in memory at once (masks that need the whole
     tensor, copies, non-CPU devices)."""
@@ -279,7 +260,7 @@ def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, streamed: bool, m
         # and for mid-size tensors the inputs held whole
         slices = 64 * CHUNK * (models + 2)
         boundary = 12 * min(2 << 20, n // 32) * models
-        return out + slices + boundary + (input_bytes if input_bytes <= _IN_MEMORY_INPUTS else 0)
+        return out + slices + boundary + (input_bytes if input_bytes <= IN_MEMORY_INPUTS else 0)
     return out + input_bytes + 4 * n * (2 * models + 4)
 
 

@@ -27,6 +27,7 @@ from .io.tensors import st_to_torch, torch_to_recipe
 from .methods.masks import build_masks, mask_digest, overlap_rate
 from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
+from .stream import plan_streamed, streamable, tensor_inputs
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
 )
@@ -185,11 +186,36 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
         seen[mid][name] = _digests.tensor_sha256(t)  # hashed while hot in cache; dict set is atomic
         return t
 
+    workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
+    base = (inp.base.id, inp.dirs[inp.base.id]) if inp.base else None
+
     def one(tp: TensorPlan) -> None:
+        if streamable(plan, tp):
+            return streamed(tp)
         if math.prod(tp.shape) > _BIG:
             with big:
                 return _one(tp)
         return _one(tp)
+
+    def streamed(tp: TensorPlan) -> None:
+        # Slice by slice with the reader and top-k apply uses: memory stays at a few slices
+        # (plus the inputs of a mid-size tensor), and each input is hashed as it is read.
+        ws = workspaces.setdefault(threading.get_ident(), {})
+        files, src = tensor_inputs(tp, base, inp.dirs, ws, record=True)
+        records, overlap = plan_streamed(plan, tp, src)
+        for mid, digest in zip(files.models, files.digests()):
+            if mid is not None:
+                seen[mid][tp.name] = digest
+        n = math.prod(tp.shape)
+        for c, r in zip(tp.contributions, records):
+            if c.mask is None or r is None:
+                continue
+            c.mask["digest"] = r.digest
+            if r.cutoff is not None:
+                c.mask["cutoff"] = r.cutoff
+            tp.stats.setdefault("kept", {})[c.model] = r.kept / n
+        if overlap is not None:
+            tp.stats["overlap"] = float(overlap)
 
     def record(tp: TensorPlan, c: Contribution, m, d: torch.Tensor) -> None:
         c.mask["digest"] = mask_digest(m.mask)

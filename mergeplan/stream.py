@@ -114,7 +114,7 @@ class MemorySlices(SliceSource):
 class FileSlices(SliceSource):
     """One tensor's slices read with pread from each input's shard (page cache, no mmap)."""
 
-    def __init__(self, name: str, dirs: Sequence[ModelDir | None], models: Sequence[str | None]):
+    def __init__(self, name: str, dirs: Sequence[ModelDir | None], models: Sequence[str | None], record: bool = False):
         self.name = name
         self.has_base = dirs[0] is not None
         self.models = list(models)
@@ -123,7 +123,8 @@ class FileSlices(SliceSource):
         self._where = []
         # Content checks against the plan's digests, fed by whichever pass reads each
         # input from its start to its end in order (see verify()).
-        self._checks = [d.checker(name) if d is not None else None for d in dirs]
+        # record: hash every input to record its digest (the planner) instead of checking.
+        self._checks = [d.checker(name, record) if d is not None else None for d in dirs]
         for d in dirs:
             if d is None:
                 self._where.append(None)
@@ -169,6 +170,10 @@ class FileSlices(SliceSource):
         if check is not None:
             check.feed(offset, memoryview(buf.numpy()))
 
+    def digests(self) -> list[bytes | None]:
+        """sha256 of each input as read (record mode), base first; None where no input."""
+        return [c.digest() if c is not None else None for c in self._checks]
+
     def verify(self, complete_only: bool = False) -> None:
         """Raise InputMismatchError when an input's bytes, as read, differ from the plan's
         digest. run_streamed reads every input whole and in order at least once, so
@@ -176,6 +181,35 @@ class FileSlices(SliceSource):
         for check in self._checks:
             if check is not None and (check.complete or not complete_only):
                 check.finish()
+
+
+# Streamed tensors whose inputs take at most this many bytes together are read whole once
+# into a per-thread buffer (every pass then slices memory); larger ones are read slice by
+# slice from the shards in every pass.
+IN_MEMORY_INPUTS = 96 << 20
+
+
+def grown(ws: dict[str, torch.Tensor], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """ws[key], replaced by a larger buffer when it holds fewer than numel elements."""
+    buf = ws.get(key)
+    if buf is None or buf.numel() < numel:
+        ws.pop(key, None)
+        buf = ws[key] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
+def tensor_inputs(tp: TensorPlan, base: tuple[str, ModelDir] | None, dirs: dict[str, ModelDir],
+                  workspace: dict[str, torch.Tensor], record: bool = False) -> tuple[FileSlices, SliceSource]:
+    """(files, src): the one reader of a tensor's inputs (base first, then one per
+    contribution) for planner and apply alike. `files` hashes what is read (checks it
+    against the plan's digests, or records them); `src` is what the passes read, the
+    same files or, for mid-size tensors, everything read once into `workspace`'s buffer
+    (fresh buffers would fault in page by page for every tensor)."""
+    files = FileSlices(tp.name, [base[1] if base else None] + [dirs[c.model] for c in tp.contributions],
+                       [base[0] if base else None] + [c.model for c in tp.contributions], record)
+    if files.nbytes() <= IN_MEMORY_INPUTS:
+        return files, files.in_memory(grown(workspace, "in", torch.uint8, files.nbytes()))
+    return files, files
 
 
 # ---- exact top-k by counting ---------------------------------------------------------------
@@ -567,30 +601,8 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
     whole_rows = relax is not None  # row blocks reshape to (rows, *shape[1:]) for the broadcast
     slices = list(_slices(shape, chunk, whole_rows))
 
-    checked = False  # inputs checked finite yet?
-    pending = [s for m in masks if m is not None for s in m.selections if not s.done]
+    checked = _count_passes(src, tp.name, shape, masks, slices)
     everyone = set(range(len(contribs)))
-    # Slices are read and converted again in every pass: keeping float32 copies between
-    # passes measured no faster (4 bytes/element from memory vs 2 plus a conversion) and
-    # costs memory in proportion to the tensor.
-    while pending:
-        bad = False
-        needs = {i for i, m in enumerate(masks) if m is not None and any(not s.done for s in m.selections)}
-        for start, count in slices:
-            b32, deltas, _ = _deltas(src, start, count, needs if checked else everyone)
-            if not checked:
-                bad |= not _finite_sums(b32, deltas)
-            for i in needs:
-                key = deltas[i].abs().view(torch.int32)
-                for s in masks[i].selections:
-                    if not s.done:
-                        s.feed(key, start)
-        if bad:
-            _raise_nonfinite(src, tp.name, shape, slices)
-        checked = True
-        for s in pending:
-            s.finish_pass()
-        pending = [s for s in pending if not s.done]
 
     scales = [m.scale if m else None for m in masks]
     kernel = None
@@ -638,6 +650,105 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
                 "or re-plan"
             )
     return out.view(shape)
+
+
+def _count_passes(src: SliceSource, name: str, shape: tuple[int, ...], masks: list, slices: list) -> bool:
+    """Run the top-k counting passes of every magnitude selection until each knows its
+    boundary; returns whether the inputs were read (and checked finite) on the way.
+
+    Slices are read and converted again in every pass: keeping float32 copies between
+    passes measured no faster (4 bytes/element from memory vs 2 plus a conversion) and
+    costs memory in proportion to the tensor."""
+    checked = False
+    everyone = set(range(len(masks)))
+    pending = [s for m in masks if m is not None for s in m.selections if not s.done]
+    while pending:
+        bad = False
+        needs = {i for i, m in enumerate(masks) if m is not None and any(not s.done for s in m.selections)}
+        for start, count in slices:
+            b32, deltas, _ = _deltas(src, start, count, needs if checked else everyone)
+            if not checked:
+                bad |= not _finite_sums(b32, deltas)
+            for i in needs:
+                key = deltas[i].abs().view(torch.int32)
+                for s in masks[i].selections:
+                    if not s.done:
+                        s.feed(key, start)
+        if bad:
+            _raise_nonfinite(src, name, shape, slices)
+        checked = True
+        for s in pending:
+            s.finish_pass()
+        pending = [s for s in pending if not s.done]
+    return checked
+
+
+@dataclass
+class MaskRecord:
+    """What the planner records of one contribution's mask."""
+
+    digest: str
+    kept: int
+    cutoff: list[int] | None  # magnitude masks: [threshold, cut] (see planner.magnitude_cutoff)
+
+
+def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHUNK) -> tuple[list[MaskRecord | None], float | None]:
+    """The planner's view of tp's masks, slice by slice: per contribution its digest, kept
+    count and (magnitude) top-k cutoff, plus the mask overlap when two or more models are
+    masked. The same values as building each mask whole (build_masks, mask_digest,
+    magnitude_cutoff, overlap_rate): the masks are the ones run_streamed builds, which
+    apply checks against these digests. Every input is read whole and checked finite."""
+    shape = tuple(tp.shape)
+    n = math.prod(shape)
+    contribs = tp.contributions
+    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
+             for c in contribs]
+    masks = [_mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
+    slices = list(_slices(shape, chunk, False))
+    checked = _count_passes(src, tp.name, shape, masks, slices)
+    masked = [i for i, m in enumerate(masks) if m is not None]
+    for i in masked:
+        masks[i].digest = hashlib.sha256()
+    kept = [0] * len(masks)
+    lowest: list[int | None] = [None] * len(masks)  # magnitude: smallest kept key
+    last: list[int] = [-1] * len(masks)  # ... and the last flat index holding it
+    total = shared = 0
+    bad = False
+    for start, count in slices:
+        b32, deltas, _ = _deltas(src, start, count, set(range(len(contribs))) if not checked else set(masked))
+        if not checked:
+            bad |= not _finite_sums(b32, deltas)
+        cover = None
+        for i in masked:
+            m = masks[i]
+            key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
+            b = m.slice_bits(key, start, count)
+            m.hash_slice(b)
+            keep = b != 0
+            kept[i] += int(keep.sum())
+            if m.kind == "magnitude":
+                k = key[keep]
+                if k.numel():
+                    low = int(k.min())
+                    at = start + int(torch.nonzero(keep & (key == low)).max())
+                    if lowest[i] is None or low < lowest[i]:
+                        lowest[i], last[i] = low, at
+                    elif low == lowest[i]:
+                        last[i] = max(last[i], at)
+            if len(masked) > 1:
+                cover = keep.to(torch.int32) if cover is None else cover.add_(keep)
+        if cover is not None:
+            total += int(cover.sum())
+            shared += int(torch.where(cover >= 2, cover, 0).sum())
+    if bad:
+        _raise_nonfinite(src, tp.name, shape, slices)
+    records: list[MaskRecord | None] = [None] * len(masks)
+    for i in masked:
+        m = masks[i]
+        cutoff = [lowest[i], last[i]] if m.kind == "magnitude" and lowest[i] is not None else None
+        records[i] = MaskRecord(m.hexdigest(), kept[i], cutoff)
+    overlap = (shared / total if total else 0.0) if len(masked) > 1 else None
+    return records, overlap
 
 
 def _deltas(src: SliceSource, start: int, count: int, which: set[int]):

@@ -18,6 +18,7 @@ from mergeplan.plan.model import OP_MERGE, Plan
 
 from .fingerprint import ModelChecker, make_checker
 from .gridmodel import GridModel
+from .richtext import clean
 from .screens.detail import DetailScreen
 from .screens.dialogs import ConfirmScreen, PathScreen
 from .screens.diff import DiffScreen
@@ -101,7 +102,8 @@ class ReviewApp(App[int]):
 
     # -- state shared by the screens --------------------------------------------------------
     def _describe_file(self) -> str:
-        path = self.editor.path or "(unsaved)"
+        # The Header shows the title as literal Content, but it writes control characters through.
+        path = clean(self.editor.path or "(unsaved)")
         return f"{path} · {self.pending_count} unsaved" if self.pending_count else path
 
     def plan_changed(self, message: str | None = None) -> None:
@@ -109,7 +111,13 @@ class ReviewApp(App[int]):
         self.sub_title = self._describe_file()
         self.revision += 1
         if message:
-            self.notify(message, timeout=4)
+            self.tell(message, timeout=4)
+
+    def tell(self, message: str, **kwargs) -> None:
+        """notify() with the message as literal text: messages here quote paths, model ids,
+        tensor names and error text, which notify's default markup would parse (a "[/x]"
+        in a file name raised MarkupError; a "[@click=...]" would make the toast run it)."""
+        self.notify(clean(message, keep_newlines=True), markup=False, **kwargs)
 
     def editable_fields(self) -> list[str]:
         plan = self.editor.plan
@@ -134,7 +142,7 @@ class ReviewApp(App[int]):
     def open_edit(self, prefill: Prefill) -> None:
         fields = self.editable_fields()
         if not fields:
-            self.notify("this plan has nothing editable", severity="warning")
+            self.tell("this plan has nothing editable", severity="warning")
             return
         self.push_screen(EditScreen(self.editor, self.grid_model, fields, prefill), self._apply_edit)
 
@@ -149,7 +157,7 @@ class ReviewApp(App[int]):
             else:
                 changes = self.editor.reset(req.targets, req.field)
         except MergeplanError as e:
-            self.notify(str(e), severity="error", timeout=8)
+            self.tell(str(e), severity="error", timeout=8)
             return
         self.plan_changed(f"{req.field} {req.action}: {len(changes)} values changed (u undoes)")
 
@@ -167,21 +175,21 @@ class ReviewApp(App[int]):
     def action_undo(self) -> None:
         changes = self.editor.undo()
         if not changes:
-            self.notify("nothing to undo", severity="warning", timeout=2)
+            self.tell("nothing to undo", severity="warning", timeout=2)
             return
         self.plan_changed(f"undid {len(changes)} changes ({changes[0].field})")
 
     def action_redo(self) -> None:
         changes = self.editor.redo()
         if not changes:
-            self.notify("nothing to redo", severity="warning", timeout=2)
+            self.tell("nothing to redo", severity="warning", timeout=2)
             return
         self.plan_changed(f"redid {len(changes)} changes ({changes[0].field})")
 
     # -- saving -------------------------------------------------------------------------
     def action_save(self) -> None:
         if not self.pending_count:
-            self.notify("no unsaved edits", timeout=2)
+            self.tell("no unsaved edits", timeout=2)
             return
         self._save(None)
 
@@ -203,7 +211,7 @@ class ReviewApp(App[int]):
         try:
             digest = self.editor.save(path)
         except (MergeplanError, OSError) as e:
-            self.notify(f"not saved: {e}", severity="error", timeout=10)
+            self.tell(f"not saved: {e}", severity="error", timeout=10)
             return False
         self.saved_once = True
         self.file_digest = digest

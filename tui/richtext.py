@@ -1,15 +1,79 @@
-"""Rich table rows from plan text, taken literally: a tensor name, a model id or a value
-like "[0.1, 0.2]" must never be read as Rich markup (which would drop "[math]")."""
+"""Plan text for Rich and Textual, taken literally.
+
+A plan is shared like a lock file, so its strings (model ids, tensor names, notes, stats
+keys, edit-log entries), the paths of the models it names and the error messages that
+quote them are someone else's text. Passed as a plain str, Textual and Rich read it as
+markup: a "[/bold]" raises MarkupError and kills the review, a "[math]" silently drops,
+and a "[@click=app.quit]" turns the text into a button that runs an app action. So every
+such string reaches a widget through one of these, never as a markup str:
+
+- `text(s)` / `literal(cell)`: a rich Text (tables, the detail and overview bodies);
+- `content(s)`: a Textual Content (Static, Label, toasts: never parsed);
+- `markup(template, **values)`: our own markup with the values inserted literally;
+- `fit(s, width)`: a cleaned string cut to a number of terminal cells (grid header).
+
+All of them clean first (mergeplan.safetext.clean, plus bidi controls, below), so no
+control character from a plan reaches the terminal.
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+from rich.cells import cell_len, set_cell_size
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+from textual.content import Content
+
+from mergeplan import safetext
+
+# Bidi embedding/override/isolate controls and marks, and the Unicode line/paragraph
+# separators, are printable as far as the plan decoder is concerned, but a terminal that
+# does bidi would reorder the rest of the line (a model id could make "0.25 -> 0.5" read
+# backwards: Trojan Source), and the separators break lines where Textual does not expect
+# it. In a review screen they are shown as visible \uXXXX escapes.
+_BIDI = re.compile("[\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def clean(s: Any, keep_newlines: bool = False) -> str:
+    """safetext.clean (control characters as \\xNN) with bidi controls as \\uXXXX."""
+    return _BIDI.sub(_visible, safetext.clean(s, keep_newlines=keep_newlines))
+
+
+def text(s: Any, style: str = "", keep_newlines: bool = False) -> Text:
+    """clean(s) as a rich Text, which Rich never parses for markup."""
+    return Text(clean(s, keep_newlines=keep_newlines), style=style)
+
+
+def content(s: Any, style: str = "", keep_newlines: bool = False) -> Content:
+    """clean(s) as a Textual Content: a Static or Label shows it as is (Content(...) is
+    literal; only Content.from_markup parses)."""
+    c = Content(clean(s, keep_newlines=keep_newlines))
+    return c.stylize(style) if style else c
+
+
+def markup(template: str, **values: Any) -> Content:
+    """Textual markup written here (`template`, e.g. "[b]$count[/b] $label") with each
+    $value cleaned and inserted as literal text: Textual's markup parser inserts a
+    variable as plain text, so a "[/b]" or "$x" in a value is never read."""
+    return Content.from_markup(template, **{k: clean(v) for k, v in values.items()})
+
+
+def fit(s: Any, width: int) -> str:
+    """clean(s) cut to at most `width` terminal cells (a CJK character takes two; cutting
+    by characters would let a wide name push a fixed-width grid column out of line)."""
+    s = clean(s)
+    return s if cell_len(s) <= width else set_cell_size(s, width)
 
 
 def literal(cell) -> Text:
-    return Text(cell) if isinstance(cell, str) else cell
+    return text(cell) if isinstance(cell, str) else cell
 
 
 def add_row(table: Table, *cells) -> None:
@@ -18,4 +82,4 @@ def add_row(table: Table, *cells) -> None:
 
 def section(title: str, body) -> Group:
     """A bold heading over a table; unlike Table(title=...), it never wraps to the table's width."""
-    return Group(Text(title, style="bold"), body)
+    return Group(text(title, style="bold"), body)

@@ -56,9 +56,10 @@ def mismatch(where: str, name: str, file: str) -> InputMismatchError:
 
 class SequentialCheck:
     """sha256 of one tensor fed in order, slice by slice, from any thread; a slice that
-    does not continue where the last one ended is not fed (later passes re-read slices)."""
+    does not continue where the last one ended is not fed (later passes re-read slices).
+    `want` None: only record the digest (the planner)."""
 
-    def __init__(self, want: bytes, nbytes: int, where: str, name: str, file: str):
+    def __init__(self, want: bytes | None, nbytes: int, where: str, name: str, file: str):
         self.want, self.nbytes = want, nbytes
         self.where, self.name, self.file = where, name, file
         self._h = hashlib.sha256()
@@ -79,8 +80,12 @@ class SequentialCheck:
         """Raise InputMismatchError if the bytes fed differ; a tensor not read whole is re-read."""
         if self._pos != self.nbytes:
             raise RuntimeError(f"tensor {self.name} was not read whole before its check")  # a bug, not input
-        if self._h.digest() != self.want:
+        if self.want is not None and self._h.digest() != self.want:
             raise mismatch(self.where, self.name, self.file)
+
+    def digest(self) -> bytes:
+        self.finish()
+        return self._h.digest()
 
 
 def file_sha256(fd: int, size: int, chunk: int = 8 << 20) -> str:

@@ -309,11 +309,11 @@ class ModelDir:
 
     # ---- companions ----------------------------------------------------------------
 
-    def checker(self, name: str) -> "digests.SequentialCheck | None":
+    def checker(self, name: str, record: bool = False) -> "digests.SequentialCheck | None":
         """A check of this tensor's bytes against the plan's digest, fed as they are read;
-        None when the plan recorded no digest for it."""
+        None when the plan recorded no digest for it. `record`: hash to record (planner)."""
         want = self._expected.get(name)
-        if want is None:
+        if want is None and not record:
             return None
         info = self.info(name)
         return digests.SequentialCheck(want, info.nbytes, self.where, name, info.file)

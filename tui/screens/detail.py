@@ -17,7 +17,7 @@ from textual.widgets import Footer, Header, Static
 from mergeplan.plan.model import OP_MERGE
 from mergeplan.plan.names import parse_name
 
-from ..richtext import add_row, section
+from ..richtext import add_row, clean, section, text
 from ..tensorinfo import aim_summary, flatten_stats, fmt_num, layer_stats, mask_info, overlaps, per_model_stats, summarize
 from .edit import Prefill
 
@@ -81,16 +81,17 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
     models = [m.id for m in plan.task_models]
     parts: list = []
 
+    # Every string from the plan goes through clean() (Text itself is never parsed as markup).
     head = Text()
-    head.append(name, style="bold")
+    head.append(clean(name), style="bold")
     head.append("\n")
     where = f"layer {pn.layer}" if pn.layer is not None else "outside the blocks"
     shape = "x".join(map(str, t.shape)) or "scalar"
-    head.append(f"{where} · {pn.component} · shape {shape} · {t.dtype} · op {t.op}")
+    head.append(clean(f"{where} · {pn.component} · shape {shape} · {t.dtype} · op {t.op}"))
     if t.source:
-        head.append(f" from {t.source}")
+        head.append(clean(f" from {t.source}"))
     if t.params:
-        head.append("\nparams: " + ", ".join(f"{k}={summarize(v)}" for k, v in sorted(t.params.items())))
+        head.append("\nparams: " + clean(", ".join(f"{k}={summarize(v)}" for k, v in sorted(t.params.items()))))
         planned_lambda = editor.planned(name, None, "lambda")
         if t.op == OP_MERGE and editor.get(name, None, "lambda") != planned_lambda:
             head.append(f" (planned lambda {fmt_num(planned_lambda)})", style="bold yellow")
@@ -104,7 +105,7 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
                     header_style="bold")
         tab.add_column("", style="cyan", no_wrap=True)
         for c in cs:
-            tab.add_column(c.model)
+            tab.add_column(text(c.model))  # a str header would be parsed as Rich markup
 
         def changed(value: float, planned: float | None) -> Text:
             out = Text(fmt_num(value))
@@ -116,7 +117,7 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
         add_row(tab, "density", *(changed(c.density, editor.planned(name, c.model, "density")) for c in cs))
         add_row(tab, "mask", *(infos[c.model].kind + (f" {infos[c.model].params}" if infos[c.model].params else "")
                               for c in cs))
-        add_row(tab, "mask digest", *(Text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
+        add_row(tab, "mask digest", *(text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
                                           else "") for c in cs))
         pm_stats = per_model_stats(t, models)
         if "kept" not in pm_stats:  # the planner's measured kept fraction, when recorded, says more

@@ -8,6 +8,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from ..richtext import content
+
 
 class ConfirmScreen(ModalScreen[bool]):
     """Ask a yes/no question; dismisses with True for yes. y/n and Escape work too."""
@@ -26,7 +28,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(self.question, classes="dialog-text")
+            # Literal: a question quotes a path the user typed or a plan named.
+            yield Static(content(self.question, keep_newlines=True), classes="dialog-text")
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.yes} (y)", variant="error", id="yes")
                 yield Button(f"{self.no} (n)", variant="primary", id="no")
@@ -56,9 +59,10 @@ class PathScreen(ModalScreen["str | None"]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.title_text, classes="dialog-title")
+            yield Label(content(self.title_text), classes="dialog-title")
             yield Input(self.initial, id="path")
-            yield Static(self.hint or "Enter to confirm, Escape to cancel", classes="dialog-hint", id="path-hint")
+            yield Static(content(self.hint or "Enter to confirm, Escape to cancel"), classes="dialog-hint",
+                         id="path-hint")
 
     def on_mount(self) -> None:
         self.query_one(Input).focus()

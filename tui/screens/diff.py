@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from rich.markup import escape
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -17,6 +15,7 @@ from mergeplan.plan.codec import read_plan
 from mergeplan.plan.diff import diff_plans
 from mergeplan.plan.names import parse_name
 
+from ..richtext import markup, text
 from ..tensorinfo import summarize
 from .dialogs import PathScreen
 
@@ -63,16 +62,18 @@ class DiffScreen(Screen):
     def refresh_rows(self) -> None:
         app = self.review
         if self.against == OTHER and app.compare_plan is not None:
-            base, label = app.compare_plan, escape(app.compare_path)
+            base, label = app.compare_plan, app.compare_path
         else:
             base, label = app.editor.loaded, "as last saved" if app.saved_once else "as loaded"
         rows = diff_plans(base, app.editor.plan)
         table = self.query_one(DataTable)
         table.clear()
         for i, r in enumerate(rows):
-            table.add_row(*(Text(x) for x in (_short_name(r.where), r.model or "", r.field, _cell(r.old), _cell(r.new))),
+            table.add_row(*(text(x) for x in (_short_name(r.where), r.model or "", r.field, _cell(r.old), _cell(r.new))),
                           key=str(i))
-        self.query_one("#diff-bar", Static).update(f"[b]{len(rows)} differences[/b]: {label} (old) -> this plan (new)")
+        # The path goes in as a variable: literal text, never markup (rich's escape() is not Textual's).
+        self.query_one("#diff-bar", Static).update(
+            markup("[b]$n differences[/b]: $label (old) -> this plan (new)", n=len(rows), label=label))
 
     def action_toggle(self) -> None:
         if self.review.compare_plan is None:
@@ -87,7 +88,7 @@ class DiffScreen(Screen):
             try:
                 plan = read_plan(path)
             except MergeplanError as e:
-                self.app.notify(str(e), severity="error", timeout=8)
+                self.review.tell(str(e), severity="error", timeout=8)
                 return
             self.review.compare_plan = plan
             self.review.compare_path = path

@@ -20,6 +20,7 @@ from mergeplan.errors import MergeplanError
 from mergeplan.plan.edit import MODEL_FIELDS, PlanEditor, Target, validate_value
 
 from ..gridmodel import GridModel
+from ..richtext import clean, content
 from ..selection import parse_selection
 
 ACTIONS = ("set", "scale", "reset")
@@ -148,7 +149,8 @@ class EditScreen(ModalScreen["EditRequest | None"]):
                 yield Label("Name has")
                 yield Input(p.pattern, placeholder="substring or glob of tensor names", compact=True, id="pattern")
                 yield Label("Models")
-                yield Input(p.models, placeholder="all, or " + ",".join(self.gm.models), compact=True, id="models")
+                yield Input(p.models, placeholder=clean("all, or " + ",".join(self.gm.models)), compact=True,
+                            id="models")
                 yield Label("Value")
                 yield Input(p.value, placeholder=_HINT[p.action], compact=True, id="value")
             yield Static("", id="edit-preview")
@@ -183,11 +185,13 @@ class EditScreen(ModalScreen["EditRequest | None"]):
             self.request = evaluate(self.editor, self.gm, action, field, text["layers"], text["components"],
                                     text["pattern"], text["models"] if field in MODEL_FIELDS else "", text["value"])
         except MergeplanError as e:
+            # Literal: errors quote what was typed, tensor names and model ids ("t [math]"
+            # read as markup dropped the model; a typed "[/b]" raised MarkupError).
             self.request = None
-            preview.update(getattr(e, "summary", ""))
-            error.update(str(e))
+            preview.update(content(getattr(e, "summary", "")))
+            error.update(content(str(e)))
         else:
-            preview.update(self.request.summary)
+            preview.update(content(self.request.summary))
             error.update("")
         self.query_one("#apply", Button).disabled = self.request is None
 

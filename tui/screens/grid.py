@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -13,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from ..gridmodel import ROW_EMBED, ROW_HEAD, Quantity
+from ..richtext import clean, markup
 from ..selection import GROUPS, format_layers
 from ..widgets.layerbars import LayerBars
 from ..widgets.plangrid import PlanGrid
@@ -85,10 +85,11 @@ class GridScreen(Screen):
         shown = "all models" if not q.per_model or not self.model_filter else self.model_filter
         if not q.per_model:
             shown = "per tensor"
-        self.query_one("#grid-bar", Static).update(
-            f"[b]{q.label}[/b] · {shown} · scale {grid.value_range[0]:.3g}..{grid.value_range[1]:.3g}"
-            + ("" if q.field else " · read-only")
-        )
+        # A statistic's label and a model id come from the plan: variables, inserted literally.
+        self.query_one("#grid-bar", Static).update(markup(
+            "[b]$label[/b] · $shown · $scale", label=q.label, shown=shown,
+            scale=f"scale {grid.value_range[0]:.3g}..{grid.value_range[1]:.3g}" + ("" if q.field else " · read-only"),
+        ))
         self._update_cell_info()
 
     async def watch_quantity_index(self) -> None:
@@ -151,7 +152,7 @@ class GridScreen(Screen):
         box = self._selection_box()
         if box:
             text += f" · marked {len(box[0])} rows x {len(box[1])} cols (e edits them)"
-        info.text = escape(text)
+        info.text = clean(text)
 
     def selection_prefill(self) -> Prefill:
         """The marked box (or the cursor cell) as edit-screen fields."""

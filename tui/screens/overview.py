@@ -14,7 +14,7 @@ from textual.widgets import Footer, Header, Static
 
 from mergeplan.plan.model import OP_MERGE
 
-from ..richtext import add_row, section
+from ..richtext import add_row, section, text
 from ..tensorinfo import flatten_stats, summarize
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ def render_overview(app: "ReviewApp") -> Group:
         mtab.add_column(col, no_wrap=col != "on this machine")
     for m in plan.models:
         status = app.model_status.get(m.id, "checking...")
-        add_row(mtab, m.id, m.role, m.path, Text(status, style=_STATUS_STYLE.get(status.split(" ")[0].rstrip(":"), "")))
+        # A status quotes paths and errors from the model directory: cleaned like plan text.
+        add_row(mtab, m.id, m.role, m.path, text(status, style=_STATUS_STYLE.get(status.split(" ")[0].rstrip(":"), "")))
     parts.append(section("Models", mtab))
 
     if plan.guides:
@@ -90,7 +91,8 @@ def render_overview(app: "ReviewApp") -> Group:
     if plan.stats:
         parts.append(_kv_table("Plan statistics", flatten_stats(plan.stats, limit=12)))
     if plan.notes:
-        parts.append(_kv_table("Notes", [("-", n) for n in plan.notes]))
+        # Notes are free text: their line breaks are meant; other control characters are not.
+        parts.append(_kv_table("Notes", [("-", text(n, keep_newlines=True)) for n in plan.notes]))
 
     pending = app.pending_count
     htab = Table(box=None, padding=(0, 1),

@@ -8,6 +8,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, Sparkline
 
+from ..richtext import content, fit
+
 
 def peak(series: list[float]) -> tuple[int, float] | None:
     """(layer index, value) of the largest finite value; the first one on ties."""
@@ -37,7 +39,7 @@ class LayerBars(Vertical):
             p = peak(data)
             tail = f"peak L{layers[p[0]]} {p[1]:.3g}" if p else "no values"
             yield Horizontal(
-                Label(name[:10], classes="bars-name"),
+                Label(content(fit(name, 10)), classes="bars-name"),  # a model id: literal, never markup
                 Sparkline(clean, summary_function=max, classes="bars-line"),
                 Label(tail, classes="bars-peak"),
                 classes="bars-row",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.cells import set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
@@ -23,6 +24,7 @@ from textual.strip import Strip
 from mergeplan.plan.edit import PlanEditor
 
 from ..gridmodel import GridModel, Quantity, RowKey, fmt_cell, heat, short_component, value_range
+from ..richtext import fit
 
 CELL_WIDTH = 5  # 4 characters of value, then the edited marker (or a space, which separates cells)
 LABEL_WIDTH = 5  # "L79 " / "head "
@@ -101,9 +103,11 @@ class PlanGrid(ScrollView, can_focus=True):
         ]
         top, names, prev = [], [], object()
         for comp, m in self.col_keys:
-            top.append((m or "")[:CELL_WIDTH] if m != prev else "")
+            # Segments go to the terminal as they are: model ids and raw module names are
+            # cleaned of control characters and cut by cells, not characters.
+            top.append(fit(m or "", CELL_WIDTH) if m != prev else "")
             prev = m
-            names.append(short_component(comp))
+            names.append(fit(short_component(comp), CELL_WIDTH))
         self._header = (top, names)
         self.virtual_size = Size(LABEL_WIDTH + CELL_WIDTH * len(self.col_keys), HEADER_HEIGHT + len(self.gm.rows))
         if 0 <= col < len(old_cols) and old_cols[col] in self.col_keys:
@@ -277,7 +281,7 @@ class PlanGrid(ScrollView, can_focus=True):
         c0, off = divmod(sx, CELL_WIDTH)
         body_w = max(0, width - LABEL_WIDTH)
         c1 = min(len(texts), c0 + (body_w + off) // CELL_WIDTH + 1)
-        segs = [Segment(texts[c].ljust(CELL_WIDTH)[:CELL_WIDTH], cursor_style if (y == 1 and c == cursor_col)
+        segs = [Segment(set_cell_size(texts[c], CELL_WIDTH), cursor_style if (y == 1 and c == cursor_col)
                         else header) for c in range(c0, c1)]
         body = Strip(segs).crop(off, off + body_w)
         label = Segment(" " * LABEL_WIDTH, header)

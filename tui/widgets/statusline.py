@@ -13,9 +13,11 @@ class StatusLine(Widget):
     """
 
     # layout=False: a fixed one-line box, so a new text needs a repaint, not a reflow.
+    # Literal text, never markup: it names model ids and components from the plan. The
+    # caller cleans it (mergeplan_tui.richtext.clean).
     text: reactive[str] = reactive("", layout=False)
 
     def render(self) -> Text:
-        text = Text.from_markup(self.text, overflow="ellipsis")
+        text = Text(self.text, overflow="ellipsis")
         text.no_wrap = True
         return text
