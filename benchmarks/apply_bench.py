@@ -179,7 +179,7 @@ def _strip_digests(src: Path, dst: Path) -> None:
 
     p = read_plan(src)
     for m in p.models:
-        m.fingerprint.pop("tensor_sha256", None)
+        m.fingerprint.pop("tensor_blake3", None)
         m.fingerprint.pop("files", None)
     write_plan(p, dst)
 
@@ -253,6 +253,7 @@ def main() -> None:
     ap.add_argument("--runs", default="copy,plan,apply,mergekit",
                     help="subset of copy,plan,apply,mergekit to run")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--repeat", type=int, default=3, help="apply runs per variant (median reported)")
     ap.add_argument("--_gen", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_copy", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_strip", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -302,24 +303,25 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--_strip", str(work / "ties.plan"), str(work / "unverified.plan")],
                        check=True)
         for th in [int(x) for x in a.threads.split(",") if x]:
-            # Alternate, so slow drift in the machine's load hits both alike.
-            for key, plan_name, label in ((f"apply_t{th}_unverified", "unverified.plan", "unverified"),
-                                          (f"apply_t{th}", "ties.plan", "checked"),
-                                          (f"apply_t{th}_unverified2", "unverified.plan", "unverified"),
-                                          (f"apply_t{th}_2", "ties.plan", "checked")):
-                out = work / f"apply-{key}"
-                results[key] = run_child(
-                    mergeplan_cmd("apply", str(work / plan_name), str(out), "--threads", str(th), "-q"),
-                    f"apply --threads {th} {label}")
-                digests[key] = tree_digest(out)
-                shutil.rmtree(out)
-            for suffix in ("", "_unverified"):
-                a1, a2 = results[f"apply_t{th}{suffix}"], results.pop(f"apply_t{th}{suffix}{'2' if suffix else '_2'}")
-                a1["wall_s"] = min(a1["wall_s"], a2["wall_s"])
-                a1["cpu_s"] = min(a1["cpu_s"], a2["cpu_s"])
-                a1["rss"] = max(a1["rss"], a2["rss"])
-            ratio = results[f"apply_t{th}"]["wall_s"] / results[f"apply_t{th}_unverified"]["wall_s"]
-            print(f"  --threads {th}: checking every input byte costs {100 * (ratio - 1):+.1f}% wall (best of 2 each)")
+            runs_of: dict[str, list[dict]] = {f"apply_t{th}_unverified": [], f"apply_t{th}": []}
+            # Alternate, so slow drift in the machine's load hits both alike; median of --repeat.
+            for rep in range(a.repeat):
+                for key, plan_name, label in ((f"apply_t{th}_unverified", "unverified.plan", "unverified"),
+                                              (f"apply_t{th}", "ties.plan", "checked")):
+                    out = work / f"apply-{key}"
+                    runs_of[key].append(run_child(
+                        mergeplan_cmd("apply", str(work / plan_name), str(out), "--threads", str(th), "-q"),
+                        f"apply --threads {th} {label}"))
+                    digests[f"{key}-{rep}"] = tree_digest(out)
+                    shutil.rmtree(out)
+            for key, rs in runs_of.items():
+                med = sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2]
+                results[key] = {**med, "cpu_s": sorted(r["cpu_s"] for r in rs)[len(rs) // 2],
+                                "rss": max(r["rss"] for r in rs)}
+            w = results[f"apply_t{th}"]["wall_s"] / results[f"apply_t{th}_unverified"]["wall_s"]
+            c = results[f"apply_t{th}"]["cpu_s"] / results[f"apply_t{th}_unverified"]["cpu_s"]
+            print(f"  --threads {th}: checking every input byte costs {100 * (w - 1):+.1f}% wall, "
+                  f"{100 * (c - 1):+.1f}% CPU (medians of {a.repeat})")
         same = len(set(digests.values())) <= 1
         print(f"  outputs identical across runs: {same}")
         if not same:

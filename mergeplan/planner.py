@@ -172,7 +172,7 @@ def magnitude_cutoff(delta: torch.Tensor, mask: torch.Tensor) -> list[int]:
 
 def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict[str, bytes]]:
     """Compute every mask once; record its digest (and CABS overlap) in the plan. Returns
-    the sha256 of every input tensor read on the way (model id -> tensor -> digest)."""
+    the BLAKE3 digest of every input tensor read on the way (model id -> tensor -> digest)."""
     # Largest first; tensors above _BIG elements run one at a time, since each holds every
     # model's float32 delta at once (a 32k x 4k embedding: 0.5 GB per model).
     todo = sorted((t for t in plan.tensors if t.op == OP_MERGE), key=lambda t: -math.prod(t.shape))
@@ -183,7 +183,7 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
 
     def read(mid: str, name: str) -> torch.Tensor:
         t = inp.dirs[mid].read(name)
-        seen[mid][name] = _digests.tensor_sha256(t)  # hashed while hot in cache; dict set is atomic
+        seen[mid][name] = _digests.tensor_blake3(t)  # hashed while hot in cache; dict set is atomic
         return t
 
     workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
@@ -318,7 +318,7 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
         seen = _digest_masks(plan, inp, opts)
         for m in models:
             md = inp.dirs[m.id]
-            m.fingerprint = md.fingerprint(full=opts.full_hash, tensor_sha256=seen[m.id],
+            m.fingerprint = md.fingerprint(full=opts.full_hash, tensor_blake3=seen[m.id],
                                            aux=aux if m.id == aux_source else None)
             m.hub = md.hub
         return plan

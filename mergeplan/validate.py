@@ -128,7 +128,7 @@ def check_inputs(plan: Plan, remap: dict[str, str], full: bool = False, plan_pat
     try:
         for m in plan.models:
             md = dirs[m.id] = ModelDir.open(paths[m.id], name=m.id)
-            content = bool(m.fingerprint.get("tensor_sha256")) if isinstance(m.fingerprint, dict) else False
+            content = bool(m.fingerprint.get("tensor_blake3")) if isinstance(m.fingerprint, dict) else False
             md.check_fingerprint(m.fingerprint, full=full or content)
             how = "every tensor's sha256" if content else ("full shard sha256" if full else "sizes and headers only")
             lines.append(f"model {m.id}: {paths[m.id]} matches ({how})")

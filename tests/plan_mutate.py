@@ -165,7 +165,7 @@ def _mutate_slot(rng: random.Random, container: Any, key: Any) -> str:
         del container[key]
         return "delete-key"
     if r < 0.82 and isinstance(container, dict):
-        container[rng.choice(("zz_extra", "hub", "bits", "cutoff", "axis", "files", "tensor_sha256"))] = _random_value(rng)
+        container[rng.choice(("zz_extra", "hub", "bits", "cutoff", "axis", "files", "tensor_blake3"))] = _random_value(rng)
         return "extra-key"
     if r < 0.9:
         nest: Any = v

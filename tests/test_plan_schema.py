@@ -89,7 +89,7 @@ def _set(d, path, value):
     (("models", 0, "fingerprint", "shards"), {}, "fingerprint.shards must be a list"),
     (("models", 0, "fingerprint", "shards", 0, "size"), -5, "shards[0].size is -5, outside"),
     (("models", 0, "fingerprint", "tensors", 0), ["a", "BF16"], "tensors[0] must be [name, dtype, shape]"),
-    (("models", 0, "fingerprint", "tensor_sha256"), b"\0" * 31, "one 32-byte digest per entry"),
+    (("models", 0, "fingerprint", "tensor_blake3"), b"\0" * 31, "one 32-byte digest per entry"),
     (("models", 0, "fingerprint", "files"), [["config.json", 3]], "fingerprint.files[0] must be a map"),
     (("models", 1, "hub"), {"repo": "org/x"}, "models[1].hub lacks the key 'revision'"),
     (("models", 1, "hub"), {"repo": "org/x", "revision": 5}, "hub.revision must be a string"),
@@ -146,7 +146,7 @@ def test_free_form_maps_keep_unknown_keys_but_bound_nesting():
 def test_fingerprint_accepts_new_optional_keys():
     d = body()
     fp = d["models"][0]["fingerprint"]
-    fp["tensor_sha256"] = bytes(range(32)) * len(fp["tensors"])
+    fp["tensor_blake3"] = bytes(range(32)) * len(fp["tensors"])
     fp["files"] = [{"file": "config.json", "size": 12, "sha256": "ab" * 32}]
     fp["future"] = {"anything": [1, 2]}
     plan = decode_plan(sign(d))

@@ -1,13 +1,20 @@
 """Content digests of input tensors and copied files: recorded by the planner, checked by apply.
 
 Why per tensor: apply reads every byte of every tensor it merges anyway, so hashing what
-it reads, in the worker threads that read it (hashlib releases the GIL on large updates),
-catches any changed byte at a few per cent of the wall time, where a separate sha256 pass
-over whole shards would read everything twice. The shard header (hashed separately) and
-the safetensors rule that tensors tile the data region leave no byte of a shard uncovered.
+it reads, in the worker threads that read it (the hash releases the GIL on large
+updates), catches any changed byte at a few per cent of the wall time, where a separate
+pass over whole shards would read everything twice.
 
-In a plan a model's fingerprint holds the digests as one bin of 32-byte sha256 values in
-the order of its `tensors` table (`tensor_sha256`), and the copied files as
+Why BLAKE3 for tensors: it is a cryptographic hash (a model publisher cannot make a
+second version of a tensor with the same digest) at 4.4 GB/s on one core here, against
+1.7 GB/s for sha256 with the SHA extensions: 2.5 times less CPU for the check. Copied
+files and whole shards keep sha256, the digest the Hugging Face cache names blobs by.
+
+The shard header (hashed separately) and the safetensors rule that tensors tile the data
+region leave no byte of a shard uncovered.
+
+In a plan a model's fingerprint holds the digests as one bin of 32-byte BLAKE3 values in
+the order of its `tensors` table (`tensor_blake3`), and the copied files as
 `files: [{file, size, sha256}]`.
 """
 
@@ -17,6 +24,7 @@ import hashlib
 import os
 import threading
 
+import blake3
 import torch
 
 from mergeplan.errors import InputMismatchError, MergeplanError
@@ -24,12 +32,12 @@ from mergeplan.errors import InputMismatchError, MergeplanError
 DIGEST_SIZE = 32
 
 
-def tensor_sha256(t: torch.Tensor) -> bytes:
-    """sha256 of a tensor's bytes as stored (row-major, little-endian)."""
+def tensor_blake3(t: torch.Tensor) -> bytes:
+    """BLAKE3-256 of a tensor's bytes as stored (row-major, little-endian)."""
     flat = t.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    return hashlib.sha256(memoryview(flat.contiguous().view(torch.uint8).numpy())).digest()
+    return blake3.blake3(memoryview(flat.contiguous().view(torch.uint8).numpy())).digest()
 
 
 def pack(digests: list[bytes]) -> bytes:
@@ -37,8 +45,8 @@ def pack(digests: list[bytes]) -> bytes:
 
 
 def table(fingerprint: dict) -> dict[str, bytes]:
-    """tensor name -> recorded sha256 (empty when the plan recorded none)."""
-    blob = fingerprint.get("tensor_sha256")
+    """tensor name -> recorded BLAKE3 digest (empty when the plan recorded none)."""
+    blob = fingerprint.get("tensor_blake3")
     names = [t[0] for t in fingerprint.get("tensors", [])]
     if blob is None:
         return {}
@@ -49,20 +57,20 @@ def table(fingerprint: dict) -> dict[str, bytes]:
 
 def mismatch(where: str, name: str, file: str) -> InputMismatchError:
     return InputMismatchError(
-        f"{where}: tensor {name} (shard {file}) differs from the bytes the plan was made from (sha256); "
+        f"{where}: tensor {name} (shard {file}) differs from the bytes the plan was made from (BLAKE3 digest); "
         "the input changed since planning: restore it, point --model at the original, or re-plan"
     )
 
 
 class SequentialCheck:
-    """sha256 of one tensor fed in order, slice by slice, from any thread; a slice that
+    """BLAKE3 of one tensor fed in order, slice by slice, from any thread; a slice that
     does not continue where the last one ended is not fed (later passes re-read slices).
     `want` None: only record the digest (the planner)."""
 
     def __init__(self, want: bytes | None, nbytes: int, where: str, name: str, file: str):
         self.want, self.nbytes = want, nbytes
         self.where, self.name, self.file = where, name, file
-        self._h = hashlib.sha256()
+        self._h = blake3.blake3()
         self._pos = 0
         self._lock = threading.Lock()
 

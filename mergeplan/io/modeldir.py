@@ -76,7 +76,7 @@ class ModelDir:
         self._names = sorted(infos)
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
-        self._expected: dict[str, bytes] = {}  # tensor -> sha256 the plan recorded (apply)
+        self._expected: dict[str, bytes] = {}  # tensor -> BLAKE3 digest the plan recorded (apply)
         self.where = f"model {name} ({path})"
 
     # ---- opening -------------------------------------------------------------------
@@ -199,10 +199,10 @@ class ModelDir:
 
     # ---- fingerprints --------------------------------------------------------------
 
-    def fingerprint(self, full: bool = False, tensor_sha256: dict[str, bytes] | None = None,
+    def fingerprint(self, full: bool = False, tensor_blake3: dict[str, bytes] | None = None,
                     aux: list[str] | None = None) -> dict:
         """Plain-data identity of the weights: shard sizes and header hashes, the tensor table,
-        with `tensor_sha256` each tensor's content digest (the planner hashes what it reads),
+        with `tensor_blake3` each tensor's content digest (the planner hashes what it reads),
         with `aux` the copied files' sizes and sha256. `full` adds each shard's sha256 (reads
         everything); in the Hugging Face cache the blob names give it for free."""
         files = self.shard_files
@@ -222,11 +222,11 @@ class ModelDir:
         ]
         tensors = [[n, self._infos[n].dtype, list(self._infos[n].shape)] for n in self._names]
         fp: dict = {"shards": shards, "tensors": tensors}
-        if tensor_sha256 is not None:
-            missing = [n for n in self._names if n not in tensor_sha256]
+        if tensor_blake3 is not None:
+            missing = [n for n in self._names if n not in tensor_blake3]
             for n in missing:  # tensors the planner did not read (e.g. buffers it copies from another model)
-                tensor_sha256[n] = digests.tensor_sha256(self.read(n))
-            fp["tensor_sha256"] = digests.pack([tensor_sha256[n] for n in self._names])
+                tensor_blake3[n] = digests.tensor_blake3(self.read(n))
+            fp["tensor_blake3"] = digests.pack([tensor_blake3[n] for n in self._names])
         if aux is not None:
             fp["files"] = [self.aux_fingerprint(f) for f in aux]
         return fp

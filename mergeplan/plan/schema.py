@@ -278,12 +278,12 @@ def fingerprint(v: Any, path: At) -> dict:
                                 "header_sha256": hexdigest(64), "sha256": optional(hexdigest(64))},
                                required=("file", "size"))),
         "tensors": list_of(_table_entry),
-        "tensor_sha256": blob,  # 32-byte sha256 per `tensors` entry, in that order
+        "tensor_blake3": blob,  # 32-byte sha256 per `tensors` entry, in that order
         "files": list_of(spec({"file": filepath, "size": integer(0, 2**63 - 1), "sha256": optional(hexdigest(64))},
                               required=("file",))),
     })(v, path)
-    if "tensor_sha256" in fp and len(fp["tensor_sha256"]) != 32 * len(fp.get("tensors", [])):
-        raise Corrupt(child(path, "tensor_sha256"), "must hold one 32-byte digest per entry of `tensors`")
+    if "tensor_blake3" in fp and len(fp["tensor_blake3"]) != 32 * len(fp.get("tensors", [])):
+        raise Corrupt(child(path, "tensor_blake3"), "must hold one 32-byte digest per entry of `tensors`")
     return fp
 
 

@@ -103,7 +103,9 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
         infos = {c.model: mask_info(t, c) for c in cs}
         tab = Table(box=None, padding=(0, 1),
                     header_style="bold")
-        tab.add_column("", style="cyan", no_wrap=True)
+        # Wrappable: a no_wrap column holding "overlap <a 1000-character model id>" would
+        # squeeze the model columns to nothing (see overview._kv_table).
+        tab.add_column("", style="cyan")
         for c in cs:
             tab.add_column(text(c.model))  # a str header would be parsed as Rich markup
 

@@ -46,7 +46,11 @@ class OverviewScreen(Screen):
 
 def _kv_table(title: str, rows: list[tuple[str, str]]) -> Group:
     tab = Table(box=None, padding=(0, 1), show_header=False)
-    tab.add_column(style="cyan", no_wrap=True)
+    # No no_wrap column in these tables: Rich gives an over-wide no_wrap cell its width and
+    # squeezes the other columns to nothing, so a plan with a 1000-character key, id, path
+    # or tool name could hide its values, or the "changed" status. Wrappable columns shrink
+    # widest first instead (a long name is cut with an ellipsis); when all fits, nothing moves.
+    tab.add_column(style="cyan")
     tab.add_column()
     for k, v in rows:
         add_row(tab, k, v)
@@ -75,7 +79,7 @@ def render_overview(app: "ReviewApp") -> Group:
     mtab = Table(box=None, padding=(0, 1),
                  header_style="bold")
     for col in ("id", "role", "path", "on this machine"):
-        mtab.add_column(col, no_wrap=col != "on this machine")
+        mtab.add_column(col)  # wrappable: see _kv_table
     for m in plan.models:
         status = app.model_status.get(m.id, "checking...")
         # A status quotes paths and errors from the model directory: cleaned like plan text.
@@ -98,7 +102,7 @@ def render_overview(app: "ReviewApp") -> Group:
     htab = Table(box=None, padding=(0, 1),
                  header_style="bold")
     for col in ("when", "tool", "changes"):
-        htab.add_column(col, no_wrap=col != "changes")
+        htab.add_column(col)  # wrappable: see _kv_table
     for entry in plan.edit_log:
         changes = entry.get("changes", [])
         first = ", ".join(_change_text(c) for c in changes[:2]) + (f" +{len(changes) - 2} more" if len(changes) > 2 else "")
