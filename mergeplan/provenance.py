@@ -16,14 +16,10 @@ from .safetext import clean
 from .plan.identity import decision_digest, edit_summary
 from .plan.model import Plan
 
-# Line and paragraph separators and bidi overrides: invisible, yet they break or reorder lines.
-_LAYOUT = re.compile("[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
 def _visible(s: object) -> str:
-    """Control characters (but newlines) and layout characters shown escaped, so no line
-    can be forged, hidden or reordered."""
-    return _LAYOUT.sub(lambda m: f"\\u{ord(m.group()):04x}", clean(s, keep_newlines=True))
+    """Control and layout characters (but newlines) shown escaped, so no line can be
+    forged, hidden or reordered."""
+    return clean(s, keep_newlines=True)
 
 
 def _cell(s: object) -> str:

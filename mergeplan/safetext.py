@@ -22,12 +22,16 @@ from typing import Any
 from rich.markup import escape
 from rich.text import Text
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+# C0/C1 controls and DEL, plus the invisible characters that reorder or break lines
+# (bidi overrides and isolates, line and paragraph separators): each could disguise text.
+_LAYOUT = "\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_LAYOUT}]")
+_CONTROL_BUT_NEWLINE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f{_LAYOUT}]")
 
 
 def _visible(m: re.Match) -> str:
-    return f"\\x{ord(m.group()):02x}"
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
 
 
 def clean(s: Any, keep_newlines: bool = False) -> str:
