@@ -55,6 +55,17 @@ def compute_masks(plan: Plan, tp: TensorPlan, deltas: list[torch.Tensor]) -> lis
     return out
 
 
+def check_mask_digest(tensor: str, model: str, got: str, want: str | None) -> None:
+    """The one mask digest check, for the whole-tensor and the streamed path: a recomputed
+    mask must be the one the planner recorded (nothing to check after an edit: want None)."""
+    if want and got != want:
+        raise InputMismatchError(
+            f"tensor {tensor}, model {model}: the recomputed mask does not match the plan's digest; "
+            "the inputs differ from those the plan was made from (run `mergeplan validate --inputs`) "
+            "or re-plan"
+        )
+
+
 def deltas_of(inputs: TensorInputs) -> list[torch.Tensor]:
     base = inputs.base.float()
     return [t.float() - base for t in inputs.tensors]
@@ -71,12 +82,8 @@ def run_tensor(plan: Plan, tp: TensorPlan, inputs: TensorInputs, check_digests: 
         if check_digests:
             for c, m in zip(tp.contributions, masks):
                 want = c.mask.get("digest") if c.mask else None
-                if want and m is not None and mask_digest(m.mask) != want:
-                    raise InputMismatchError(
-                        f"tensor {tp.name}, model {c.model}: the recomputed mask does not match the plan's digest; "
-                        "the inputs differ from those the plan was made from (run `mergeplan validate --inputs`) "
-                        "or re-plan"
-                    )
+                if want and m is not None:
+                    check_mask_digest(tp.name, c.model, mask_digest(m.mask), want)
     weights = [c.weight for c in tp.contributions]
     base = inputs.base.float() if inputs.base is not None else None
     merged = merge_tensor(plan.method, base, [t.float() for t in inputs.tensors], weights, masks, tp.params)

@@ -9,7 +9,7 @@ from cli_helpers import assert_one_line_error, family_recipe, run_cli
 from mergeplan.methods.select import magnitude_bits, topk_mask
 from mergeplan.plan import read_plan, write_plan
 from mergeplan.planner import magnitude_cutoff
-from mergeplan.stream import TopK
+from mergeplan.methods.select import TopK
 from test_apply import sha_tree
 
 

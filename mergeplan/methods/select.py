@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from mergeplan.errors import MergeplanError
@@ -31,14 +32,17 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).abs().reshape(-1).view(torch.int32)
 
 
-def _bucket_from_top(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
-    """(b, above, inside): the bucket holding the k-th largest key, the count of keys in
-    higher buckets, and the count in bucket b."""
-    above_or_in = torch.flip(torch.cumsum(torch.flip(counts, (0,)), 0), (0,)).cpu()
+def _bucket_from_top(counts, k: int) -> tuple[int, int, int]:
+    """(b, above, inside): the bucket holding the k-th largest key (1 <= k <= total), the
+    count of keys in higher buckets, and the count in bucket b. `counts`: a histogram as a
+    torch tensor (any device) or a numpy array; shared by topk_mask and the streamed TopK."""
+    if isinstance(counts, torch.Tensor):
+        counts = counts.cpu().numpy()
+    above_or_in = np.cumsum(counts[::-1])[::-1]
     # above_or_in[b] = keys in buckets >= b; the boundary is the highest b with >= k of them.
-    b = int(torch.count_nonzero(above_or_in >= k).item()) - 1
-    above = int(above_or_in[b + 1].item()) if b + 1 < counts.numel() else 0
-    return b, above, int(above_or_in[b].item()) - above
+    b = int(np.count_nonzero(above_or_in >= k)) - 1
+    above = int(above_or_in[b + 1]) if b + 1 < len(counts) else 0
+    return b, above, int(above_or_in[b]) - above
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -118,3 +122,111 @@ def _nth_true_index(flags: torch.Tensor, nth: int) -> int:
     start = chunk * _CHUNK
     local = torch.nonzero(flags[start : start + _CHUNK]).reshape(-1)
     return start + int(local[nth - seen - 1].item())
+
+
+# ---- the same selection, streamed: slice by slice over several passes -----------------------
+
+
+class TopK:
+    """The k largest of n int32 keys seen in flat order, slice by slice, over two passes
+    (equal keys: lower flat index first). Afterwards `bits(key, start)` gives any slice's
+    membership as int32 -1 (kept) / 0: key > threshold, or key == threshold at a flat
+    index <= cut.
+
+    Pass 1 counts the high 15 bits of every key; pass 2 keeps the boundary bucket's
+    entries (low 16 bits and flat index), usually a small share of the tensor, which
+    settles the exact threshold and the last tie kept. Only when that bucket is too
+    large to keep does a third pass find the cut by counting ties.
+    """
+
+    def __init__(self, n: int, k: int, keep_limit: int | None = None):
+        self.n, self.k = n, k
+        self.threshold, self.cut = -1, n  # k == n: every key > -1
+        self.stage = "done"
+        # Boundary entries kept for the tie cut (12 bytes each); beyond, a third pass.
+        self._keep_limit = 2 << 20 if keep_limit is None else keep_limit
+        if k == 0:
+            self.threshold = (1 << 31) - 1  # nothing is above the largest key
+        elif k < n:
+            self.stage = "high"
+            self._counts = np.zeros(_HIGH_BINS, dtype=np.int64)
+
+    @classmethod
+    def known(cls, n: int, k: int, threshold: int, cut: int) -> "TopK":
+        """A selection whose boundary the planner already found (the plan's `cutoff`):
+        no counting pass. The mask it gives is still checked against the plan's digest."""
+        top = cls(n, k)
+        top.threshold, top.cut, top.stage = int(threshold), int(cut), "done"
+        return top
+
+    def feed(self, key: torch.Tensor, start: int) -> None:
+        if self.stage == "high":
+            self._counts += torch.bincount(key >> 16, minlength=_HIGH_BINS).numpy()
+        elif self.stage == "low":
+            idx = torch.nonzero((key >> 16) == self._bucket).reshape(-1)
+            if not idx.numel():
+                return
+            low = key[idx] & 0xFFFF
+            if self._idx is None:
+                self._counts += torch.bincount(low, minlength=_LOW_BINS).numpy()
+                return
+            self._lows.append(low)
+            self._idx.append(idx + start)
+            self._kept += idx.numel()
+            if self._kept > self._keep_limit:  # too many to keep: count, and cut ties in a third pass
+                self._counts = torch.bincount(torch.cat(self._lows), minlength=_LOW_BINS).numpy()
+                self._lows = self._idx = None
+        elif self.stage == "cut" and self._seen < self._ties:
+            tie = key == self.threshold
+            found = int(tie.sum())
+            if self._seen + found >= self._ties:
+                self.cut = start + int(torch.nonzero(tie).reshape(-1)[self._ties - self._seen - 1])
+            self._seen += found
+
+    def finish_pass(self) -> None:
+        if self.stage == "high":
+            b, above, inside = _bucket_from_top(self._counts, self.k)
+            self._bucket, self._need = b, self.k - above
+            del self._counts
+            if self._need == inside:  # the whole boundary bucket stays
+                self.threshold, self.stage = (b << 16) - 1, "done"
+            else:
+                self._lows, self._idx, self._kept, self.stage = [], [], 0, "low"
+        elif self.stage == "low":
+            if self._idx is not None:
+                lows = torch.cat(self._lows) if self._lows else torch.zeros(0, dtype=torch.int32)
+                self._counts = torch.bincount(lows, minlength=_LOW_BINS).numpy()
+            t, above, equal = _bucket_from_top(self._counts, self._need)
+            del self._counts
+            self.threshold = (self._bucket << 16) | t
+            ties = self._need - above
+            if ties == equal:  # every key equal to the threshold stays
+                self.cut, self.stage = self.n, "done"
+            elif self._idx is not None:
+                self.cut, self.stage = int(torch.cat(self._idx)[lows == t][ties - 1]), "done"
+            else:
+                self.cut, self._ties, self._seen, self.stage = -1, ties, 0, "cut"
+            self._lows = self._idx = None
+        elif self.stage == "cut":
+            if self.cut < 0:
+                raise MergeplanError("top-k tie count changed between passes; are the inputs being modified?")
+            self.stage = "done"
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+    def bits(self, key: torch.Tensor, start: int) -> torch.Tensor:
+        """int32 membership of a slice's keys (flat indices start, start+1, ...): -1 kept, 0 not."""
+        end = start + key.numel()
+        if end - 1 <= self.cut:  # every tie here is kept: key >= threshold
+            return torch.sub(self.threshold - 1, key).bitwise_right_shift_(31)
+        if start > self.cut:  # no tie here is kept: key > threshold
+            return torch.sub(self.threshold, key).bitwise_right_shift_(31)
+        idx = torch.arange(start, end, device=key.device)
+        keep = (key > self.threshold) | ((key == self.threshold) & (idx <= self.cut))
+        return keep.to(torch.int32).neg_()
+
+    def mask(self, key: torch.Tensor, start: int) -> torch.Tensor:
+        """bool membership of a slice's keys."""
+        return self.bits(key, start) != 0
