@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, malloc
 from .errors import MergeplanError
 from .execute import TensorInputs, check_finite, compute_masks, deltas_of
 from .io import digests as _digests
@@ -187,6 +187,7 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
         return t
 
     workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
+    malloc.return_large_blocks(arenas=max(1, opts.threads) + 1)  # as apply: freed buffers leave RSS
     base = (inp.base.id, inp.dirs[inp.base.id]) if inp.base else None
 
     def one(tp: TensorPlan) -> None:
@@ -203,6 +204,8 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
         ws = workspaces.setdefault(threading.get_ident(), {})
         files, src = tensor_inputs(tp, base, inp.dirs, ws, record=True)
         records, overlap = plan_streamed(plan, tp, src)
+        if files.nbytes() >= 16 << 20:
+            malloc.trim()  # give back what this tensor's slices left free in the heaps
         for mid, digest in zip(files.models, files.digests()):
             if mid is not None:
                 seen[mid][tp.name] = digest

@@ -29,6 +29,10 @@ class SliceSource:
     def read(self, index: int, start: int, count: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def peek(self, index: int, start: int, count: int) -> torch.Tensor:
+        """As read, out of order (a sample): not part of the inputs' sequential hashing."""
+        return self.read(index, start, count)
+
 
 class MemorySlices(SliceSource):
     """Tensors already in memory (tests, small tensors)."""
@@ -49,6 +53,9 @@ class MemorySlices(SliceSource):
 
     def read(self, index: int, start: int, count: int) -> torch.Tensor:
         return self._flat[index][start:start + count]
+
+    def peek(self, index: int, start: int, count: int) -> torch.Tensor:
+        return self.read(index, start, count)
 
 
 class FileSlices(SliceSource):
@@ -78,6 +85,12 @@ class FileSlices(SliceSource):
         dtype, size = self._where[index]
         buf = torch.empty(count * size, dtype=torch.uint8)
         self._read_into(index, start, buf)
+        return buf.view(dtype)
+
+    def peek(self, index: int, start: int, count: int) -> torch.Tensor:
+        dtype, size = self._where[index]
+        buf = torch.empty(count * size, dtype=torch.uint8)
+        self._dirs[index].read_into(self.name, start * size, buf)
         return buf.view(dtype)
 
     def nbytes(self) -> int:

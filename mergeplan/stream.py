@@ -40,7 +40,7 @@ from .methods.fused import FusedMerge, fused_applies
 from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count
 from .methods.registry import merge_tensor
 from .methods.rng import generator_for
-from .methods.select import TopK
+from .methods.select import BandTopK, PackedBits, TopK, band_from_sample
 from .plan.model import OP_MERGE, Plan, TensorPlan
 from .slices import IN_MEMORY_INPUTS, FileSlices, MemorySlices, SliceSource, grown, tensor_inputs  # noqa: F401 - re-exported
 
@@ -264,12 +264,95 @@ class MaskRecord:
     cutoff: list[int] | None  # magnitude masks: [threshold, cut] (see planner.magnitude_cutoff)
 
 
+_SAMPLE_BLOCKS, _SAMPLE_BLOCK = 256, 256  # 65,536 keys per model: the band is ~2% of a tensor
+
+
 def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHUNK) -> tuple[list[MaskRecord | None], float | None]:
-    """The planner's view of tp's masks, slice by slice: per contribution its digest, kept
-    count and (magnitude) top-k cutoff, plus the mask overlap when two or more models are
-    masked. The same values as building each mask whole (build_masks, mask_digest,
-    magnitude_cutoff, overlap_rate): the masks are the ones run_streamed builds, which
-    apply checks against these digests. Every input is read whole and checked finite."""
+    """The planner's view of tp's masks: per contribution its digest, kept count and
+    (magnitude) top-k cutoff, plus the mask overlap when two or more models are masked.
+    The same values as building each mask whole (build_masks, mask_digest,
+    magnitude_cutoff, overlap_rate); apply rebuilds these masks and checks the digests.
+    Every input is read whole, hashed and checked finite.
+
+    One pass over the inputs: a sample of each model's keys gives a band that probably
+    holds the top-k boundary (select.band_from_sample), and the pass keeps what is above
+    the band and the band's entries (select.BandTopK), which settles the exact set. When a
+    band misses (rare), the exact counting passes run instead (_plan_counted)."""
+    shape = tuple(tp.shape)
+    n = math.prod(shape)
+    contribs = tp.contributions
+    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
+             for c in contribs]
+    masks = [_mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
+    masked = [i for i, m in enumerate(masks) if m is not None]
+    ranked = [i for i in masked if masks[i].kind != "bernoulli"]
+    samples = _sample_keys(src, n, ranked)
+    limit = max(1 << 20, n // 8)
+    bands = {i: [BandTopK(n, s.k, *band_from_sample(samples[i], s.k, n), limit) if 0 < s.k < n else None
+                 for s in masks[i].selections] for i in ranked}
+    if any(b is None for bs in bands.values() for b in bs):
+        return _plan_counted(plan, tp, src, chunk)
+    draws = {i: PackedBits() for i in masked if masks[i].kind == "bernoulli"}
+    slices = list(_slices(shape, chunk, False))
+    everyone = set(range(len(contribs)))
+    bad = False
+    for start, count in slices:
+        b32, deltas, _ = _deltas(src, start, count, everyone)
+        bad |= not _finite_sums(b32, deltas)
+        for i, bits in draws.items():
+            bits.add(masks[i].slice_bits(None, start, count) != 0)
+        for i in ranked:
+            key = deltas[i].abs().view(torch.int32)
+            for band in bands[i]:
+                band.feed(key, start)
+    if bad:
+        _raise_nonfinite(src, tp.name, shape, slices)
+    if not all(b.resolve() for bs in bands.values() for b in bs):
+        return _plan_counted(plan, tp, src, chunk)
+    packed: dict[int, np.ndarray] = {i: bits.array() for i, bits in draws.items()}
+    for i in ranked:
+        outer = bands[i][0].packed
+        packed[i] = outer if len(bands[i]) == 1 else outer & ~bands[i][1].packed
+    records: list[MaskRecord | None] = [None] * len(masks)
+    for i in masked:
+        cutoff = [bands[i][0].threshold, bands[i][0].cut] if masks[i].kind == "magnitude" else None
+        kept = int(np.bitwise_count(packed[i]).sum())
+        records[i] = MaskRecord(hashlib.sha256(packed[i].tobytes()).hexdigest()[:32], kept, cutoff)
+    overlap = None
+    if len(masked) > 1:
+        total = sum(r.kept for r in records if r is not None)
+        shared = 0
+        for i in masked:
+            others = np.zeros_like(packed[i])
+            for j in masked:
+                if j != i:
+                    others |= packed[j]
+            shared += int(np.bitwise_count(packed[i] & others).sum())
+        overlap = shared / total if total else 0.0
+    return records, overlap
+
+
+def _sample_keys(src: SliceSource, n: int, which: list[int]) -> dict[int, torch.Tensor]:
+    """Keys |t_i - base| (float32 bits) of the contributions in `which` at spread-out
+    positions: every position of a small tensor, else _SAMPLE_BLOCKS blocks."""
+    if not which:
+        return {}
+    if n <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
+        starts, size = [0], n
+    else:
+        step = (n - _SAMPLE_BLOCK) / (_SAMPLE_BLOCKS - 1)
+        starts, size = [int(b * step) for b in range(_SAMPLE_BLOCKS)], _SAMPLE_BLOCK
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in which}
+    for st in starts:
+        b32 = src.peek(0, st, size).float()
+        for i in which:
+            out[i].append((src.peek(i + 1, st, size).float() - b32).abs().view(torch.int32))
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+def _plan_counted(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHUNK) -> tuple[list[MaskRecord | None], float | None]:
+    """plan_streamed by exact counting passes (TopK) and a final pass: for the rare band
+    that misses its boundary."""
     shape = tuple(tp.shape)
     n = math.prod(shape)
     contribs = tp.contributions

@@ -84,3 +84,58 @@ def test_planner_memory_no_longer_follows_whole_tensors(tiny_family_bf16, tmp_pa
     plan = build_plan(load_recipe(r), PlanOptions(quiet=True, threads=2))
     assert all(c.mask.get("digest") for _, c in plan.iter_contributions() if c.mask and c.mask["density"] < 1)
     assert math.isclose(sum(plan.tensors[0].stats["kept"].values()) / 2, 0.5, abs_tol=0.01)
+
+
+def test_band_top_k_equals_topk_mask_or_says_it_missed():
+    """One pass with a band: the exact topk_mask set when the k-th key is in the band
+    (ties cut by index inside the band included), a clear miss otherwise."""
+    import numpy as np
+
+    from mergeplan.methods.masks import pack_bits
+    from mergeplan.methods.select import BandTopK, band_from_sample, magnitude_bits, topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(50, 5000, (1,), generator=g))
+        x = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float()  # many equal magnitudes
+        k = int(torch.randint(1, n, (1,), generator=g))
+        key = magnitude_bits(x)
+        want = topk_mask(x, k)
+        sample = key[torch.randperm(n, generator=g)[: max(1, n // 4)]] if trial % 2 else key
+        lo, hi = band_from_sample(sample, k, n)
+        band = BandTopK(n, k, lo, hi, keep_limit=n)
+        for start in range(0, n, 97):
+            band.feed(key[start:start + 97], start)
+        if band.resolve():
+            assert band.packed.tobytes() == pack_bits(want)
+            kept_keys = key[want]
+            assert band.threshold == int(kept_keys.min())
+            assert band.cut == int(torch.nonzero(want & (key == band.threshold)).max())
+        else:
+            # only when the k-th key really lies outside the band
+            kth = int(torch.sort(key, descending=True).values[k - 1])
+            assert not lo <= kth <= hi
+    # a band that misses on purpose is reported
+    x = torch.arange(1, 101, dtype=torch.float32)
+    band = BandTopK(100, 10, 1, 50, keep_limit=100)
+    band.feed(magnitude_bits(x), 0)
+    assert band.resolve() is False
+
+
+def test_missed_bands_fall_back_to_counting_with_the_same_records(tiny_family_bf16, tmp_path, monkeypatch):
+    import mergeplan.stream as stream
+
+    fam = tiny_family_bf16
+    r = family_recipe(tmp_path / "r.yaml", "breadcrumbs_ties", fam.base,
+                      {fam.finetunes["math"]: "weight: 1.0, density: 0.6, gamma: 0.05",
+                       fam.finetunes["code"]: "weight: 1.0, density: 0.6, gamma: 0.05"})
+    want = build_plan(load_recipe(r), PlanOptions(quiet=True))
+    monkeypatch.setattr(stream, "band_from_sample", lambda sample, k, n: (0, 0))  # always misses
+    calls = []
+    real = stream._plan_counted
+    monkeypatch.setattr(stream, "_plan_counted", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = build_plan(load_recipe(r), PlanOptions(quiet=True))
+    assert calls
+    for a, b in zip(want.tensors, got.tensors):
+        assert [c.mask for c in a.contributions] == [c.mask for c in b.contributions]
+        assert a.stats == b.stats

@@ -12,6 +12,7 @@ histogram of the low 16 bits of just that bucket's entries finds the exact thres
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -230,3 +231,101 @@ class TopK:
     def mask(self, key: torch.Tensor, start: int) -> torch.Tensor:
         """bool membership of a slice's keys."""
         return self.bits(key, start) != 0
+
+
+# ---- the same selection in one pass, given a band that probably holds the boundary ----------
+
+
+class PackedBits:
+    """A flat bool mask appended slice by slice, kept packed (np.packbits, big-endian bit
+    order, as masks.pack_bits): slices of any length, the bits continue across them."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._tail = np.zeros(0, dtype=bool)
+
+    def add(self, bits: torch.Tensor) -> None:
+        b = bits.numpy().astype(bool, copy=False)
+        if len(self._tail):
+            b = np.concatenate([self._tail, b])
+        whole = len(b) - len(b) % 8
+        self._parts.append(np.packbits(b[:whole], bitorder="big"))
+        self._tail = b[whole:].copy()
+
+    def array(self) -> np.ndarray:
+        """The packed mask (uint8), tail included; call once, after the last slice."""
+        parts = self._parts + ([np.packbits(self._tail, bitorder="big")] if len(self._tail) else [])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+
+
+class BandTopK:
+    """The k largest of n keys (equal keys: lower flat index first) in ONE pass, given a
+    band [lo, hi] of keys that probably holds the k-th largest (from a sample): keys above
+    hi are kept for sure (packed bits), the band's entries are kept aside (key, index).
+    `resolve()` then settles the exact set when the k-th key fell inside the band (the
+    usual case), or returns False when it did not, or when the band held more than
+    `keep_limit` entries: the caller then counts exactly over more passes (TopK). The set
+    is topk_mask's by construction: everything above the band, then the band's entries in
+    the total order (key descending, index ascending) up to k."""
+
+    def __init__(self, n: int, k: int, lo: int, hi: int, keep_limit: int):
+        self.n, self.k, self.lo, self.hi = n, k, lo, hi
+        self._limit = keep_limit
+        self._above = PackedBits()
+        self._n_above = 0
+        self._keys: list[torch.Tensor] = []
+        self._idx: list[torch.Tensor] = []
+        self._kept = 0
+        self.failed = False
+        self.threshold = self.cut = -1
+        self.packed: np.ndarray | None = None
+
+    def feed(self, key: torch.Tensor, start: int) -> None:
+        above = key > self.hi
+        self._above.add(above)
+        self._n_above += int(above.sum())
+        if self.failed:
+            return
+        idx = torch.nonzero((key >= self.lo) & ~above).reshape(-1)
+        if idx.numel():
+            self._kept += idx.numel()
+            if self._kept > self._limit:
+                self.failed, self._keys, self._idx = True, [], []
+                return
+            self._keys.append(key[idx])
+            self._idx.append(idx + start)
+
+    def resolve(self) -> bool:
+        """Settle threshold, cut and the packed mask; False when the band missed."""
+        packed = self._above.array()
+        need = self.k - self._n_above
+        if self.failed or need <= 0 or need > self._kept:
+            self.failed = True
+            return False
+        keys = torch.cat(self._keys).numpy()
+        idx = torch.cat(self._idx).numpy()
+        order = np.lexsort((idx, -keys.astype(np.int64)))[:need]
+        self.threshold, self.cut = int(keys[order[-1]]), int(idx[order[-1]])
+        kept = idx[order]
+        np.bitwise_or.at(packed, kept >> 3, (0x80 >> (kept & 7)).astype(np.uint8))
+        self.packed = packed
+        self._keys = self._idx = []
+        return True
+
+
+def band_from_sample(sample: torch.Tensor, k: int, n: int) -> tuple[int, int]:
+    """(lo, hi): keys between which the k-th largest of n keys lies with high probability,
+    from int32 keys sampled from the n. A sample of all n gives the exact key (lo == hi)."""
+    s = torch.sort(sample.reshape(-1), descending=True).values
+    size = s.numel()
+    if size == n:
+        t = int(s[k - 1])
+        return t, t
+    p = k / n
+    r = p * size
+    # five standard deviations of the sample quantile, plus slack for clustered samples
+    margin = int(5 * math.sqrt(size * p * (1 - p)) + 0.002 * size) + 8
+    hi_at, lo_at = math.floor(r) - margin, math.ceil(r) + margin
+    hi = int(s[hi_at]) if hi_at >= 0 else (1 << 31) - 1
+    lo = int(s[lo_at]) if lo_at < size else 0
+    return lo, hi
