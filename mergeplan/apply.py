@@ -29,6 +29,7 @@ from .io.shards import plan_shards
 from .io.tensors import recipe_to_torch, torch_to_st
 from .io.writer import ShardWriter, write_index
 from .outdir import OutputSlot, check_target, file_mode
+from .schedule import MemoryScheduler
 from .plan.codec import plan_digest
 from .plan.model import Plan
 from .provenance import model_card, provenance, provenance_json
@@ -50,7 +51,7 @@ class ApplyOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress | None = None
     plan_path: str | None = None
-    # Working memory the tensors in flight may claim together (estimates; see _Scheduler
+    # Working memory the tensors in flight may claim together (estimates; see MemoryScheduler
     # and _working_set). A tensor larger than the budget still runs, alone.
     memory_budget: int = 400 << 20
     chunk: int = 0  # elements per slice on the streamed path; 0: stream.CHUNK
@@ -191,7 +192,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         try:
             # Largest first so the tail of the run is not one huge tensor on one thread.
             order = sorted(plan.tensors, key=lambda t: -_numel(t.shape))
-            sched = _Scheduler([(cost(tp), tp) for tp in order], opts.memory_budget)
+            sched = MemoryScheduler([(cost(tp), tp) for tp in order], opts.memory_budget)
             if opts.threads <= 1:
                 sched.work(one)
             else:
@@ -262,58 +263,6 @@ def _working_set(tp, out_dtype: torch.dtype, input_bytes: int, streamed: bool, m
         boundary = 12 * min(2 << 20, n // 32) * models
         return out + slices + boundary + (input_bytes if input_bytes <= IN_MEMORY_INPUTS else 0)
     return out + input_bytes + 4 * n * (2 * models + 4)
-
-
-class _Scheduler:
-    """Hands tensors to workers in the given order, skipping any whose estimated working
-    set does not fit in `limit` beside those in flight (it waits for a later turn, while
-    the worker takes a smaller one); a tensor larger than the whole budget runs alone.
-    Keeps the few huge tensors (embeddings, head) from being expanded at the same time
-    without leaving a worker idle. After a failure, workers stop taking tensors."""
-
-    def __init__(self, jobs: list[tuple[int, object]], limit: int):
-        self._todo = list(jobs)
-        self.limit = max(0, int(limit))
-        self.used = 0
-        self._failed = False
-        self._cond = threading.Condition()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify_all()
-
-    def take(self) -> tuple[int, object] | None:
-        with self._cond:
-            while True:
-                if interrupt.requested():
-                    self._failed = True
-                    raise KeyboardInterrupt
-                if self._failed or not self._todo:
-                    return None
-                for i, (cost, job) in enumerate(self._todo):
-                    if self.used == 0 or self.used + cost <= self.limit:
-                        del self._todo[i]
-                        self.used += cost
-                        return cost, job
-                self._cond.wait()
-
-    def finish(self, cost: int, ok: bool = True) -> None:
-        with self._cond:
-            self.used -= cost
-            self._failed |= not ok
-            self._cond.notify_all()
-
-    def work(self, run) -> None:
-        """Run jobs until none is left (or one failed, here or in another worker)."""
-        while (got := self.take()) is not None:
-            cost, job = got
-            ok = False
-            try:
-                run(job)
-                ok = True
-            finally:
-                self.finish(cost, ok)
 
 
 def _numel(shape) -> int:

@@ -27,7 +27,8 @@ from .io.tensors import st_to_torch, torch_to_recipe
 from .methods.masks import build_masks, mask_digest, overlap_rate
 from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
-from .stream import plan_streamed, streamable, tensor_inputs
+from .schedule import MemoryScheduler
+from .stream import CHUNK, IN_MEMORY_INPUTS, plan_streamed, streamable, tensor_inputs
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
 )
@@ -50,6 +51,7 @@ class PlanOptions:
     quiet: bool = False
     remap: dict[str, str] = field(default_factory=dict)
     progress: Progress | None = None
+    memory_budget: int = 400 << 20  # working memory the tensors in flight may claim together
 
 
 @dataclass
@@ -176,7 +178,6 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
     # Largest first; tensors above _BIG elements run one at a time, since each holds every
     # model's float32 delta at once (a 32k x 4k embedding: 0.5 GB per model).
     todo = sorted((t for t in plan.tensors if t.op == OP_MERGE), key=lambda t: -math.prod(t.shape))
-    done = 0
     total = len(todo)
     big = threading.Lock()
     seen: dict[str, dict[str, bytes]] = {mid: {} for mid in inp.dirs}
@@ -263,12 +264,45 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
         if len(real) > 1:
             tp.stats["overlap"] = float(overlap_rate(real))
 
-    with ThreadPoolExecutor(max_workers=max(1, opts.threads)) as ex:
-        for _ in ex.map(one, todo):
-            done += 1
+    lock = threading.Lock()
+    state = {"done": 0}
+
+    def job(tp: TensorPlan) -> None:
+        one(tp)
+        with lock:
+            state["done"] += 1
             if opts.progress:
-                opts.progress("masks", done, total)
+                opts.progress("masks", state["done"], total)
+
+    # Largest first, within a memory budget: the huge tensors' band entries and bit masks
+    # are not held side by side, while the other worker takes smaller tensors.
+    sched = MemoryScheduler([(_plan_cost(plan, tp, inp), tp) for tp in todo], opts.memory_budget)
+    threads = max(1, opts.threads)
+    if threads == 1:
+        sched.work(job)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            futures = [ex.submit(sched.work, job) for _ in range(threads)]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                sched.stop()
+                raise
     return seen
+
+
+def _plan_cost(plan: Plan, tp: TensorPlan, inp: _Inputs) -> int:
+    """Rough peak bytes of one tensor in the mask pass. Streamed: slices, the band entries
+    and bit masks (about a byte per element and model, generously), and for mid-size
+    tensors the inputs held whole. Whole: every input plus float32 deltas and masks."""
+    n = math.prod(tp.shape)
+    models = len(tp.contributions) + 1
+    nbytes = sum(inp.dirs[m].info(tp.name).nbytes for m in [c.model for c in tp.contributions]
+                 + ([inp.base.id] if inp.base else []))
+    if streamable(plan, tp):
+        return 64 * CHUNK * (models + 2) + n * models + (nbytes if nbytes <= IN_MEMORY_INPUTS else 0)
+    return nbytes + 4 * n * (2 * models + 4)
 
 
 def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:

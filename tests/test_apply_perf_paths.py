@@ -19,7 +19,8 @@ import torch
 import mergeplan.apply as apply_mod
 import mergeplan.stream as stream
 from cli_helpers import write_recipe
-from mergeplan.apply import ApplyOptions, _Scheduler, apply_plan
+from mergeplan.apply import ApplyOptions, apply_plan
+from mergeplan.schedule import MemoryScheduler as _Scheduler
 from mergeplan.errors import InputMismatchError, MergeplanError
 from mergeplan.execute import TensorInputs, compute_masks, deltas_of, run_tensor
 from mergeplan.methods.masks import mask_digest

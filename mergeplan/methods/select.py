@@ -282,34 +282,49 @@ class BandTopK:
 
     def feed(self, key: torch.Tensor, start: int) -> None:
         above = key > self.hi
-        self._above.add(above)
-        self._n_above += int(above.sum())
+        self._above.add(above)  # counted once at the end, from the packed bits
         if self.failed:
             return
-        idx = torch.nonzero((key >= self.lo) & ~above).reshape(-1)
+        # above implies key >= lo, so the band is (key >= lo) xor above: two passes, not three
+        idx = torch.nonzero(key.ge(self.lo).bitwise_xor_(above)).reshape(-1)
         if idx.numel():
             self._kept += idx.numel()
             if self._kept > self._limit:
                 self.failed, self._keys, self._idx = True, [], []
                 return
             self._keys.append(key[idx])
-            self._idx.append(idx + start)
+            self._idx.append((idx + start).to(torch.int32))  # tensors have < 2**31 elements
 
     def resolve(self) -> bool:
         """Settle threshold, cut and the packed mask; False when the band missed."""
         packed = self._above.array()
+        self._n_above = int(np.bitwise_count(packed).sum())
         need = self.k - self._n_above
         if self.failed or need <= 0 or need > self._kept:
             self.failed = True
             return False
         keys = torch.cat(self._keys).numpy()
+        self._keys = []
         idx = torch.cat(self._idx).numpy()
-        order = np.lexsort((idx, -keys.astype(np.int64)))[:need]
-        self.threshold, self.cut = int(keys[order[-1]]), int(idx[order[-1]])
-        kept = idx[order]
+        self._idx = []
+        # The band's entries arrived in flat order, so equal keys are already in index
+        # order: the threshold comes from counting keys (no sort), and of the entries equal
+        # to it the first `ties` are kept.
+        span = int(keys.max()) - int(keys.min()) + 1
+        if span <= 1 << 22:
+            counts = np.bincount(keys - keys.min(), minlength=span)
+            b, above, _ = _bucket_from_top(counts, need)
+            threshold = int(keys.min()) + b
+        else:
+            threshold = int(np.partition(keys, len(keys) - need)[len(keys) - need])
+            above = int(np.count_nonzero(keys > threshold))
+        ties = need - above
+        equal = keys == threshold
+        keep = (keys > threshold) | (equal & (np.cumsum(equal) <= ties))
+        kept = idx[keep].astype(np.int64)
+        self.threshold, self.cut = threshold, int(idx[equal][ties - 1])
         np.bitwise_or.at(packed, kept >> 3, (0x80 >> (kept & 7)).astype(np.uint8))
         self.packed = packed
-        self._keys = self._idx = []
         return True
 
 
