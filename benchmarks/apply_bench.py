@@ -344,7 +344,7 @@ def main() -> None:
 
 
 def table(results: dict[str, dict], nbytes: int, scale: int, threads: list[int]) -> str:
-    names = {"copy": "copy floor (read 4, write base)", "plan": "mergeplan plan (tensor sha256)",
+    names = {"copy": "copy floor (read 4, write base)", "plan": "mergeplan plan (BLAKE3 while reading)",
              "plan_full": "mergeplan plan --full-hash", "mergekit": "mergekit-yaml 0.1.5 (bf16)"}
     names.update({f"apply_t{t}": f"mergeplan apply --threads {t} (every byte checked)" for t in threads})
     names.update({f"apply_t{t}_unverified": f"apply --threads {t}, plan without digests" for t in threads})

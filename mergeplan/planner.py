@@ -39,6 +39,9 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 _DEFAULT_SHARD = 5_000_000_000
 _BIG = 16 * 1024 * 1024  # elements
+# The mask pass does fewer operations per element than apply's merge, so per-slice overhead
+# weighs more: twice apply's slice measured 5-8% faster at the same peak memory.
+_PLAN_CHUNK = 2 * CHUNK
 
 
 @dataclass
@@ -204,7 +207,7 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
         # (plus the inputs of a mid-size tensor), and each input is hashed as it is read.
         ws = workspaces.setdefault(threading.get_ident(), {})
         files, src = tensor_inputs(tp, base, inp.dirs, ws, record=True)
-        records, overlap = plan_streamed(plan, tp, src)
+        records, overlap = plan_streamed(plan, tp, src, chunk=_PLAN_CHUNK)
         if files.nbytes() >= 16 << 20:
             malloc.trim()  # give back what this tensor's slices left free in the heaps
         for mid, digest in zip(files.models, files.digests()):
