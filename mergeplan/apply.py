@@ -21,8 +21,8 @@ import torch
 
 from . import interrupt, malloc
 from .errors import MergeplanError, PlanFormatError
-from .execute import TensorInputs, check_finite, run_tensor
-from .stream import CHUNK, IN_MEMORY_INPUTS, grown, run_streamed, streamable, tensor_inputs
+from .whole import TensorInputs, check_finite, run_tensor
+from .streamed import CHUNK, IN_MEMORY_INPUTS, grown, run_streamed, streamable, tensor_inputs
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, malloc
 from .errors import MergeplanError
-from .execute import TensorInputs, check_finite, compute_masks, deltas_of
+from .whole import TensorInputs, check_finite, compute_masks, deltas_of
 from .io import digests as _digests
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
@@ -28,7 +28,7 @@ from .methods.masks import build_masks, mask_digest, overlap_rate
 from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
 from .schedule import MemoryScheduler
-from .stream import CHUNK, IN_MEMORY_INPUTS, plan_streamed, streamable, tensor_inputs
+from .streamed import CHUNK, IN_MEMORY_INPUTS, plan_streamed, streamable, tensor_inputs
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
 )

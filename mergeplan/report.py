@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .execute import aim_factors
+from .whole import aim_factors
 from .plan.codec import plan_digest
 from .plan.identity import decision_digest, edit_summary
 from .plan.diff import DiffRow

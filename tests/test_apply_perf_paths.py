@@ -1,4 +1,4 @@
-"""The streamed apply path (mergeplan/stream.py) against the whole-tensor path it replaces.
+"""The streamed apply path (mergeplan/streamed.py) against the whole-tensor path it replaces.
 
 The promise: same bytes. Checked per tensor with tiny slices (so every slice boundary,
 row block and tie case is crossed), for the exact top-k against an independent numpy
@@ -17,18 +17,18 @@ import pytest
 import torch
 
 import mergeplan.apply as apply_mod
-import mergeplan.stream as stream
+import mergeplan.streamed as stream
 from cli_helpers import write_recipe
 from mergeplan.apply import ApplyOptions, apply_plan
 from mergeplan.schedule import MemoryScheduler as _Scheduler
 from mergeplan.errors import InputMismatchError, MergeplanError
-from mergeplan.execute import TensorInputs, compute_masks, deltas_of, run_tensor
+from mergeplan.whole import TensorInputs, compute_masks, deltas_of, run_tensor
 from mergeplan.methods.masks import mask_digest
 from mergeplan.planner import PlanOptions, build_plan
 from mergeplan.plan import Contribution, ModelRef, Plan, TensorPlan
 from mergeplan.recipe import load_recipe
 from mergeplan.methods.select import TopK
-from mergeplan.stream import MemorySlices, run_streamed, streamable
+from mergeplan.streamed import MemorySlices, run_streamed, streamable
 
 SHAPE = (19, 23)
 MODELS = ["base", "m0", "m1", "m2"]
@@ -190,7 +190,7 @@ def test_non_finite_input_is_named_with_its_count(case):
     bad = [tensors[0], tensors[1].clone(), tensors[2]]
     bad[1].view(-1)[[5, 300, 431]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.bfloat16)
     with pytest.raises(MergeplanError) as whole:
-        from mergeplan.execute import check_finite
+        from mergeplan.whole import check_finite
         for name, t in zip(MODELS[1:], bad):
             check_finite(t, tp.name, name)
     with pytest.raises(MergeplanError) as streamed:

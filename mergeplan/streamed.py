@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .execute import check_mask_digest, nonfinite_error, relax_factors, relax_with
+from .whole import check_mask_digest, nonfinite_error, relax_factors, relax_with
 from .methods.fused import FusedMerge, fused_applies
 from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count
 from .methods.registry import merge_tensor

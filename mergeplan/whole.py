@@ -1,7 +1,9 @@
-"""Carry out one TensorPlan on tensors in memory: masks, merge, relaxation.
+"""One tensor whole, in memory: masks, merge, relaxation.
 
-Shared by the planner (which computes masks to record their digests) and apply (which
-recomputes them and checks the digests), so both sides run the very same code.
+The path for what cannot be streamed (della and CABS masks, l1 rescale, explicit mask
+bits, copies, non-CPU devices) and the reference the streamed path (streamed.py) is
+tested against. Shared by the planner (which computes masks to record their digests) and
+apply (which recomputes them and checks the digests), so both sides run the same code.
 Pure: tensors in, tensors out; reading and writing is the caller's business.
 """
 
