@@ -46,7 +46,7 @@ from .slices import IN_MEMORY_INPUTS, FileSlices, MemorySlices, SliceSource, gro
 
 CHUNK = 1 << 17  # elements per slice: small enough for cache, large enough that per-op
 # overhead (and, with threads, GIL hand-offs) stays a small share
-_STREAM_KINDS = ("magnitude", "breadcrumbs", "bernoulli")
+_STREAM_KINDS = ("magnitude", "breadcrumbs", "bernoulli", "della")
 
 
 # ---- which tensors -------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def streamable(plan: Plan, tp: TensorPlan) -> bool:
 class _Mask:
     """How one contribution's mask is made slice by slice, and its rescale factor."""
 
-    kind: str  # "magnitude" | "breadcrumbs" | "bernoulli"
+    kind: str  # "magnitude" | "breadcrumbs" | "bernoulli" | "della"
     scale: float | None
     selections: list[TopK] = field(default_factory=list)  # magnitude: [top]; breadcrumbs: [outer, inner?]
     generator: torch.Generator | None = None
@@ -84,11 +84,20 @@ class _Mask:
     digest: object | None = None  # hashlib object while checking
     want: str | None = None
     _tail: np.ndarray | None = None
+    della: tuple[float, float, int, bool] | None = None  # density, epsilon, row length, inverse rescale
+    slice_scale: torch.Tensor | None = None  # della's per-entry rescale for the last slice
 
     def slice_bits(self, key: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
         """The slice's mask as int32 -1 (kept) / 0: ready for a bit-and with float32 bits."""
         if self.kind == "bernoulli":
             keep = torch.rand(count, generator=self.generator, dtype=torch.float32) < self.prob
+            return keep.to(torch.int32).neg_()
+        if self.kind == "della":
+            prob = _della_prob(key, *self.della[:3])
+            keep = torch.rand(count, generator=self.generator, dtype=torch.float32) < prob
+            if self.della[3]:  # masks._finish with a per-entry keep probability
+                safe = torch.where(prob > 0, prob, torch.ones_like(prob))
+                self.slice_scale = torch.where(prob > 0, 1.0 / safe, 0.0).to(torch.float32)
             return keep.to(torch.int32).neg_()
         bits = self.selections[0].bits(key, start)
         if len(self.selections) > 1:
@@ -111,6 +120,26 @@ class _Mask:
         return self.digest.hexdigest()[:32]
 
 
+def _della_prob(key: torch.Tensor, density: float, epsilon: float, cols: int) -> torch.Tensor:
+    """masks.della_keep_prob for whole rows of `cols` keys (|delta| float32 bits): the rank
+    of a key within its row needs only that row, so row blocks give the same values."""
+    rows = key.view(-1, cols)
+    if cols <= 1:
+        rank = torch.full(rows.shape, 0.5, dtype=torch.float64)
+    else:
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices
+        pos = torch.empty_like(order)
+        pos.scatter_(1, order, torch.arange(cols).expand_as(order))
+        rank = (cols - 1 - pos).to(torch.float64) / torch.tensor(float(cols - 1), dtype=torch.float64)
+    return ((density - epsilon) + 2.0 * epsilon * rank).to(torch.float32).reshape(-1)
+
+
+def della_row(shape: tuple[int, ...]) -> int:
+    """della's row length: the tensor viewed as [shape[0], -1]; 0-d/1-d tensors are one row."""
+    n = math.prod(shape)
+    return n // shape[0] if len(shape) >= 2 and shape[0] else n
+
+
 def _inverse_scale(kept: int, n: int) -> float | None:
     """masks._finish's factor for a deterministic mask with `kept` of n entries."""
     keep_prob = kept / n if kept else 0.0
@@ -129,6 +158,9 @@ def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int,
         m = _Mask(kind, (1.0 / density if density > 0 else None) if inverse else None,
                   generator=generator_for(plan.seed, tp.name, model),
                   prob=torch.tensor(density, dtype=torch.float32))
+    elif kind == "della":
+        m = _Mask(kind, None, generator=generator_for(plan.seed, tp.name, model),
+                  della=(density, float(spec["epsilon"]), della_row(tuple(tp.shape)), inverse))
     elif kind == "magnitude":
         k = magnitude_keep_count(density, n)
         cutoff = spec.get("cutoff") if spec.get("digest") else None  # only with a digest to verify it
@@ -146,12 +178,18 @@ def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int,
 # ---- one tensor -----------------------------------------------------------------------------
 
 
-def _slices(shape: tuple[int, ...], chunk: int, whole_rows: bool):
-    """(start, count) over the flat tensor; whole rows of dim 0 when the relaxation needs them."""
+def _row(shape: tuple[int, ...], relax: bool, masks: list) -> int | None:
+    """Slices must hold whole rows of this many elements: dim 0's rows for AIM's broadcast,
+    della's rows (its ranks are per row); None when any cut will do."""
+    rows = ([math.prod(shape) // shape[0]] if relax else []) + [m.della[2] for m in masks if m is not None and m.della]
+    return math.lcm(*rows) if rows else None
+
+
+def _slices(shape: tuple[int, ...], chunk: int, row: int | None):
+    """(start, count) over the flat tensor, in whole rows of `row` elements when given."""
     n = math.prod(shape)
     step = chunk
-    if whole_rows:
-        row = n // shape[0]
+    if row:
         step = max(1, chunk // row) * row
     for start in range(0, n, step):
         yield start, min(step, n - start)
@@ -175,15 +213,15 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
     relax = None
     if tp.relax is not None and src.has_base:
         relax = relax_factors(tp.relax, shape)
-    whole_rows = relax is not None  # row blocks reshape to (rows, *shape[1:]) for the broadcast
-    slices = list(_slices(shape, chunk, whole_rows))
+    slices = list(_slices(shape, chunk, _row(shape, relax is not None, masks)))
 
     checked = _count_passes(src, tp.name, shape, masks, slices)
     everyone = set(range(len(contribs)))
 
     scales = [m.scale if m else None for m in masks]
     kernel = None
-    if fused and fused_applies(plan.method, tp.params, weights):
+    per_entry = any(m is not None and m.della and m.della[3] for m in masks)  # della's rescale: a tensor
+    if fused and not per_entry and fused_applies(plan.method, tp.params, weights):
         kernel = FusedMerge(plan.method, tp.params, scales, weights)
     out = torch.empty(n, dtype=out_dtype) if out is None else out[:n]
     bad = False
@@ -207,7 +245,8 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
         if res is None:
             base_raw = src.read(0, start, count) if src.has_base else None
             tensors = [src.read(i + 1, start, count) for i in range(len(contribs))]
-            mres = [None if b is None else MaskResult(b != 0, m.scale) for b, m in zip(bits, masks)]
+            mres = [None if b is None else MaskResult(b != 0, m.slice_scale if m.kind == "della" else m.scale)
+                    for b, m in zip(bits, masks)]
             res = merge_tensor(plan.method, base_raw, tensors, weights, mres, tp.params)
         if relax is not None:
             f, axis = relax
@@ -285,22 +324,23 @@ def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
              for c in contribs]
     masks = [_mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
     masked = [i for i, m in enumerate(masks) if m is not None]
-    ranked = [i for i in masked if masks[i].kind != "bernoulli"]
+    ranked = [i for i in masked if masks[i].kind in ("magnitude", "breadcrumbs")]
     samples = _sample_keys(src, n, ranked)
     limit = max(1 << 20, n // 8)
     bands = {i: [BandTopK(n, s.k, *band_from_sample(samples[i], s.k, n), limit) if 0 < s.k < n else None
                  for s in masks[i].selections] for i in ranked}
     if any(b is None for bs in bands.values() for b in bs):
         return _plan_counted(plan, tp, src, chunk)
-    draws = {i: PackedBits() for i in masked if masks[i].kind == "bernoulli"}
-    slices = list(_slices(shape, chunk, False))
+    draws = {i: PackedBits() for i in masked if masks[i].kind in ("bernoulli", "della")}
+    slices = list(_slices(shape, chunk, _row(shape, False, masks)))
     everyone = set(range(len(contribs)))
     bad = False
     for start, count in slices:
         b32, deltas, _ = _deltas(src, start, count, everyone)
         bad |= not _finite_sums(b32, deltas)
         for i, bits in draws.items():
-            bits.add(masks[i].slice_bits(None, start, count) != 0)
+            key = deltas[i].abs().view(torch.int32) if masks[i].kind == "della" else None
+            bits.add(masks[i].slice_bits(key, start, count) != 0)
         for i in ranked:
             key = deltas[i].abs().view(torch.int32)
             for band in bands[i]:
@@ -359,7 +399,7 @@ def _plan_counted(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
     specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
              for c in contribs]
     masks = [_mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
-    slices = list(_slices(shape, chunk, False))
+    slices = list(_slices(shape, chunk, _row(shape, False, masks)))
     checked = _count_passes(src, tp.name, shape, masks, slices)
     masked = [i for i, m in enumerate(masks) if m is not None]
     for i in masked:

@@ -90,6 +90,11 @@ CASES = {
     "breadcrumbs": ("breadcrumbs", [{"kind": "breadcrumbs", "density": 0.6, "gamma": 0.05, "rescale": "none"}] * 3,
                     [1.0, 0.5, 0.5], {"normalize": False, "lambda": 1.0}),
     "task_arithmetic": ("task_arithmetic", [None] * 3, [0.7, 0.5, -0.2], {"normalize": False, "lambda": 0.9}),
+    "della_inverse": ("della", [{"kind": "della", "density": 0.5, "epsilon": 0.1, "rescale": "inverse"}] * 3,
+                      [1.0, 0.5, -0.4], {"normalize": True}),
+    "della_linear_none": ("della_linear", [{"kind": "della", "density": 0.6, "epsilon": 0.2, "rescale": "none"},
+                                           None, {"kind": "della", "density": 0.3, "epsilon": 0.05, "rescale": "none"}],
+                          [0.7, 0.5, 0.2], {}),
     "linear": ("linear", [None] * 3, [0.5, 0.3, 0.2], {"normalize": True}),
 }
 
@@ -121,7 +126,7 @@ def test_streamed_equals_whole_tensor_bytes(case, chunk, fused, stacked):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("case", ["ties_negative_weight", "dare_ties"])
+@pytest.mark.parametrize("case", ["ties_negative_weight", "dare_ties", "della_inverse"])
 def test_streamed_aim_relaxation_equals_whole_tensor(case, axis):
     base, tensors = _inputs(3)
     method, specs, weights, params = CASES[case]
@@ -133,8 +138,7 @@ def test_streamed_aim_relaxation_equals_whole_tensor(case, axis):
 
 
 def test_streamable_keeps_whole_tensor_masks_on_the_whole_path():
-    for spec in ({"kind": "della", "density": 0.5, "epsilon": 0.1, "rescale": "inverse"},
-                 {"kind": "nm", "n": 2, "m": 4, "density": 0.5, "rescale": "none"},
+    for spec in ({"kind": "nm", "n": 2, "m": 4, "density": 0.5, "rescale": "none"},
                  dict(MAG, rescale="l1"), dict(MAG, bits=b"\xff" * 55)):
         plan, tp = _plan("ties", [spec] * 3, [1.0] * 3, {})
         assert not streamable(plan, tp)
