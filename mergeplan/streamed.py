@@ -37,7 +37,7 @@ import torch
 
 from .whole import check_mask_digest, nonfinite_error, relax_factors, relax_with
 from .methods.fused import FusedMerge, fused_applies
-from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count
+from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count, nm_mask
 from .methods.registry import merge_tensor
 from .methods.rng import generator_for
 from .methods.select import BandTopK, PackedBits, TopK, band_from_sample
@@ -46,7 +46,7 @@ from .slices import IN_MEMORY_INPUTS, FileSlices, MemorySlices, SliceSource, gro
 
 CHUNK = 1 << 17  # elements per slice: small enough for cache, large enough that per-op
 # overhead (and, with threads, GIL hand-offs) stays a small share
-_STREAM_KINDS = ("magnitude", "breadcrumbs", "bernoulli", "della")
+_STREAM_KINDS = ("magnitude", "breadcrumbs", "bernoulli", "della", "nm")
 
 
 # ---- which tensors -------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def streamable(plan: Plan, tp: TensorPlan) -> bool:
 class _Mask:
     """How one contribution's mask is made slice by slice, and its rescale factor."""
 
-    kind: str  # "magnitude" | "breadcrumbs" | "bernoulli" | "della"
+    kind: str  # "magnitude" | "breadcrumbs" | "bernoulli" | "della" | "nm"
     scale: float | None
     selections: list[TopK] = field(default_factory=list)  # magnitude: [top]; breadcrumbs: [outer, inner?]
     generator: torch.Generator | None = None
@@ -86,6 +86,7 @@ class _Mask:
     _tail: np.ndarray | None = None
     della: tuple[float, float, int, bool] | None = None  # density, epsilon, row length, inverse rescale
     slice_scale: torch.Tensor | None = None  # della's per-entry rescale for the last slice
+    nm: tuple[int, int] | None = None  # CABS: keep n of every m (masks of a tensor depend on each other)
 
     def slice_bits(self, key: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
         """The slice's mask as int32 -1 (kept) / 0: ready for a bit-and with float32 bits."""
@@ -151,6 +152,11 @@ def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int,
         return None
     check_spec(spec, f"tensor {tp.name!r}, model {model!r}")  # same refusal as build_masks
     kind, density = spec["kind"], float(spec["density"])
+    if kind == "nm":  # built for every n, as masks._conflict_aware_nm does (n = m keeps all)
+        m = _Mask(kind, None, nm=(int(spec["n"]), int(spec["m"])))
+        if check_digests and spec.get("digest"):
+            m.digest, m.want = hashlib.sha256(), spec["digest"]
+        return m
     if density >= 1.0:
         return None  # as masks._single_mask: the delta stays untouched, rescale included
     inverse = spec.get("rescale", "none") == "inverse"
@@ -182,7 +188,29 @@ def _row(shape: tuple[int, ...], relax: bool, masks: list) -> int | None:
     """Slices must hold whole rows of this many elements: dim 0's rows for AIM's broadcast,
     della's rows (its ranks are per row); None when any cut will do."""
     rows = ([math.prod(shape) // shape[0]] if relax else []) + [m.della[2] for m in masks if m is not None and m.della]
+    rows += [m.nm[1] for m in masks if m is not None and m.nm]  # whole groups of m
     return math.lcm(*rows) if rows else None
+
+
+def _nm_slice(tp: TensorPlan, masks: list, deltas: list) -> dict[int, torch.Tensor]:
+    """The CABS n:m masks of one slice of whole groups, as int32 -1/0, built in cabs_order,
+    each model choosing among positions no earlier one took (masks._conflict_aware_nm:
+    groups are m consecutive entries, so slices of whole groups give the same masks; the
+    short tail group is in the last slice)."""
+    nm = [i for i, m in enumerate(masks) if m is not None and m.nm]
+    if not nm:
+        return {}
+    order = tp.params.get("cabs_order") or nm
+    out: dict[int, torch.Tensor] = {}
+    taken = None
+    for i in order:
+        if i not in nm:
+            continue
+        n_keep, group = masks[i].nm
+        mask = nm_mask(deltas[i], n_keep, group, taken)
+        out[i] = mask.to(torch.int32).neg_()
+        taken = mask if taken is None else taken | mask
+    return out
 
 
 def _slices(shape: tuple[int, ...], chunk: int, row: int | None):
@@ -230,12 +258,16 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
         if not checked:
             bad |= not _finite_sums(b32, deltas)
         bits = []
+        groups = _nm_slice(tp, masks, deltas)
         for i, m in enumerate(masks):
             if m is None:
                 bits.append(None)
                 continue
-            key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
-            b = m.slice_bits(key, start, count)
+            if i in groups:
+                b = groups[i]
+            else:
+                key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
+                b = m.slice_bits(key, start, count)
             if m.digest is not None:
                 m.hash_slice(b)
             bits.append(b)
@@ -331,14 +363,18 @@ def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
                  for s in masks[i].selections] for i in ranked}
     if any(b is None for bs in bands.values() for b in bs):
         return _plan_counted(plan, tp, src, chunk)
-    draws = {i: PackedBits() for i in masked if masks[i].kind in ("bernoulli", "della")}
+    draws = {i: PackedBits() for i in masked if masks[i].kind in ("bernoulli", "della", "nm")}
     slices = list(_slices(shape, chunk, _row(shape, False, masks)))
     everyone = set(range(len(contribs)))
     bad = False
     for start, count in slices:
         b32, deltas, _ = _deltas(src, start, count, everyone)
         bad |= not _finite_sums(b32, deltas)
+        groups = _nm_slice(tp, masks, deltas)
         for i, bits in draws.items():
+            if i in groups:
+                bits.add(groups[i] != 0)
+                continue
             key = deltas[i].abs().view(torch.int32) if masks[i].kind == "della" else None
             bits.add(masks[i].slice_bits(key, start, count) != 0)
         for i in ranked:
@@ -414,10 +450,11 @@ def _plan_counted(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
         if not checked:
             bad |= not _finite_sums(b32, deltas)
         cover = None
+        groups = _nm_slice(tp, masks, deltas)
         for i in masked:
             m = masks[i]
             key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
-            b = m.slice_bits(key, start, count)
+            b = groups[i] if i in groups else m.slice_bits(key, start, count)
             m.hash_slice(b)
             keep = b != 0
             kept[i] += int(keep.sum())

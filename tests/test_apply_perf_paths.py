@@ -90,6 +90,11 @@ CASES = {
     "breadcrumbs": ("breadcrumbs", [{"kind": "breadcrumbs", "density": 0.6, "gamma": 0.05, "rescale": "none"}] * 3,
                     [1.0, 0.5, 0.5], {"normalize": False, "lambda": 1.0}),
     "task_arithmetic": ("task_arithmetic", [None] * 3, [0.7, 0.5, -0.2], {"normalize": False, "lambda": 0.9}),
+    "cabs": ("cabs", [{"kind": "nm", "n": 2, "m": 4, "density": 0.5, "rescale": "none"},
+                      {"kind": "nm", "n": 1, "m": 4, "density": 0.25, "rescale": "none"},
+                      {"kind": "nm", "n": 3, "m": 4, "density": 0.75, "rescale": "none"}], [1.0, 0.6, 0.4], {}),
+    "cabs_ordered_m5": ("cabs", [{"kind": "nm", "n": 2, "m": 5, "density": 0.4, "rescale": "none"}] * 3,
+                        [1.0, -0.5, 0.8], {"cabs_order": [2, 0, 1]}),
     "della_inverse": ("della", [{"kind": "della", "density": 0.5, "epsilon": 0.1, "rescale": "inverse"}] * 3,
                       [1.0, 0.5, -0.4], {"normalize": True}),
     "della_linear_none": ("della_linear", [{"kind": "della", "density": 0.6, "epsilon": 0.2, "rescale": "none"},
@@ -138,8 +143,7 @@ def test_streamed_aim_relaxation_equals_whole_tensor(case, axis):
 
 
 def test_streamable_keeps_whole_tensor_masks_on_the_whole_path():
-    for spec in ({"kind": "nm", "n": 2, "m": 4, "density": 0.5, "rescale": "none"},
-                 dict(MAG, rescale="l1"), dict(MAG, bits=b"\xff" * 55)):
+    for spec in (dict(MAG, rescale="l1"), dict(MAG, bits=b"\xff" * 55)):
         plan, tp = _plan("ties", [spec] * 3, [1.0] * 3, {})
         assert not streamable(plan, tp)
     plan, tp = _plan("ties", [MAG] * 3, [1.0] * 3, {})

@@ -23,11 +23,12 @@ CASES = {
     "dare_ties": ("weight: 1.0, density: 0.4", ""),
     "dare_linear": ("weight: 0.5, density: 0.7", "parameters: {rescale: true}"),
     "della": ("weight: 1.0, density: 0.5, epsilon: 0.1", ""),
+    "cabs": ("weight: 1.0, n: 3", "parameters: {m: 8}"),
 }
 
 
 @pytest.mark.parametrize("method,chunk", [("ties", 37), ("breadcrumbs_ties", 37), ("ties", 4096),
-                                          ("dare_ties", 4096), ("dare_linear", 1000), ("della", 37), ("della", 4096)])
+                                          ("dare_ties", 4096), ("dare_linear", 1000), ("della", 37), ("della", 4096), ("cabs", 37), ("cabs", 4096)])
 def test_streamed_records_equal_whole_tensor_records(tiny_family_bf16, tmp_path, method, chunk):
     fam = tiny_family_bf16
     params, extra = CASES[method]
