@@ -28,7 +28,8 @@ from .methods.masks import build_masks, mask_digest, overlap_rate
 from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
 from .schedule import MemoryScheduler
-from .streamed import CHUNK, IN_MEMORY_INPUTS, plan_streamed, streamable, tensor_inputs
+from .mask_records import plan_streamed
+from .streamed import CHUNK, IN_MEMORY_INPUTS, streamable, tensor_inputs
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
 )

@@ -40,7 +40,7 @@ from .methods.fused import FusedMerge, fused_applies
 from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count, nm_mask
 from .methods.registry import merge_tensor
 from .methods.rng import generator_for
-from .methods.select import BandTopK, PackedBits, TopK, band_from_sample
+from .methods.select import TopK
 from .plan.model import OP_MERGE, Plan, TensorPlan
 from .slices import IN_MEMORY_INPUTS, FileSlices, MemorySlices, SliceSource, grown, tensor_inputs  # noqa: F401 - re-exported
 
@@ -147,7 +147,7 @@ def _inverse_scale(kept: int, n: int) -> float | None:
     return 1.0 / keep_prob if keep_prob > 0 else None
 
 
-def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int, check_digests: bool) -> _Mask | None:
+def mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int, check_digests: bool) -> _Mask | None:
     if spec is None:
         return None
     check_spec(spec, f"tensor {tp.name!r}, model {model!r}")  # same refusal as build_masks
@@ -184,7 +184,7 @@ def _mask_for(plan: Plan, tp: TensorPlan, model: str, spec: dict | None, n: int,
 # ---- one tensor -----------------------------------------------------------------------------
 
 
-def _row(shape: tuple[int, ...], relax: bool, masks: list) -> int | None:
+def slice_row(shape: tuple[int, ...], relax: bool, masks: list) -> int | None:
     """Slices must hold whole rows of this many elements: dim 0's rows for AIM's broadcast,
     della's rows (its ranks are per row); None when any cut will do."""
     rows = ([math.prod(shape) // shape[0]] if relax else []) + [m.della[2] for m in masks if m is not None and m.della]
@@ -192,7 +192,7 @@ def _row(shape: tuple[int, ...], relax: bool, masks: list) -> int | None:
     return math.lcm(*rows) if rows else None
 
 
-def _nm_slice(tp: TensorPlan, masks: list, deltas: list) -> dict[int, torch.Tensor]:
+def nm_slice(tp: TensorPlan, masks: list, deltas: list) -> dict[int, torch.Tensor]:
     """The CABS n:m masks of one slice of whole groups, as int32 -1/0, built in cabs_order,
     each model choosing among positions no earlier one took (masks._conflict_aware_nm:
     groups are m consecutive entries, so slices of whole groups give the same masks; the
@@ -213,7 +213,7 @@ def _nm_slice(tp: TensorPlan, masks: list, deltas: list) -> dict[int, torch.Tens
     return out
 
 
-def _slices(shape: tuple[int, ...], chunk: int, row: int | None):
+def slices_of(shape: tuple[int, ...], chunk: int, row: int | None):
     """(start, count) over the flat tensor, in whole rows of `row` elements when given."""
     n = math.prod(shape)
     step = chunk
@@ -236,14 +236,14 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
     shape = tuple(tp.shape)
     n = math.prod(shape)
     contribs = tp.contributions
-    masks = [_mask_for(plan, tp, c.model, c.mask, n, check_digests) for c in contribs]
+    masks = [mask_for(plan, tp, c.model, c.mask, n, check_digests) for c in contribs]
     weights = [float(c.weight) for c in contribs]
     relax = None
     if tp.relax is not None and src.has_base:
         relax = relax_factors(tp.relax, shape)
-    slices = list(_slices(shape, chunk, _row(shape, relax is not None, masks)))
+    slices = list(slices_of(shape, chunk, slice_row(shape, relax is not None, masks)))
 
-    checked = _count_passes(src, tp.name, shape, masks, slices)
+    checked = count_passes(src, tp.name, shape, masks, slices)
     everyone = set(range(len(contribs)))
 
     scales = [m.scale if m else None for m in masks]
@@ -254,11 +254,11 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
     out = torch.empty(n, dtype=out_dtype) if out is None else out[:n]
     bad = False
     for start, count in slices:
-        b32, deltas, stacked_d = _deltas(src, start, count, everyone)
+        b32, deltas, stacked_d = slice_deltas(src, start, count, everyone)
         if not checked:
-            bad |= not _finite_sums(b32, deltas)
+            bad |= not finite_sums(b32, deltas)
         bits = []
-        groups = _nm_slice(tp, masks, deltas)
+        groups = nm_slice(tp, masks, deltas)
         for i, m in enumerate(masks):
             if m is None:
                 bits.append(None)
@@ -288,14 +288,14 @@ def run_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, out_dtype: torch.
             res = relax_with(b32.view(view_shape), res.view(view_shape), fs, axis).reshape(-1)
         out[start:start + count].copy_(res)
     if bad:
-        _raise_nonfinite(src, tp.name, shape, slices)
+        raise_nonfinite(src, tp.name, shape, slices)
     for c, m in zip(contribs, masks):
         if m is not None and m.digest is not None:
             check_mask_digest(tp.name, c.model, m.hexdigest(), m.want)
     return out.view(shape)
 
 
-def _count_passes(src: SliceSource, name: str, shape: tuple[int, ...], masks: list, slices: list) -> bool:
+def count_passes(src: SliceSource, name: str, shape: tuple[int, ...], masks: list, slices: list) -> bool:
     """Run the top-k counting passes of every magnitude selection until each knows its
     boundary; returns whether the inputs were read (and checked finite) on the way.
 
@@ -309,16 +309,16 @@ def _count_passes(src: SliceSource, name: str, shape: tuple[int, ...], masks: li
         bad = False
         needs = {i for i, m in enumerate(masks) if m is not None and any(not s.done for s in m.selections)}
         for start, count in slices:
-            b32, deltas, _ = _deltas(src, start, count, needs if checked else everyone)
+            b32, deltas, _ = slice_deltas(src, start, count, needs if checked else everyone)
             if not checked:
-                bad |= not _finite_sums(b32, deltas)
+                bad |= not finite_sums(b32, deltas)
             for i in needs:
                 key = deltas[i].abs().view(torch.int32)
                 for s in masks[i].selections:
                     if not s.done:
                         s.feed(key, start)
         if bad:
-            _raise_nonfinite(src, name, shape, slices)
+            raise_nonfinite(src, name, shape, slices)
         checked = True
         for s in pending:
             s.finish_pass()
@@ -326,164 +326,7 @@ def _count_passes(src: SliceSource, name: str, shape: tuple[int, ...], masks: li
     return checked
 
 
-@dataclass
-class MaskRecord:
-    """What the planner records of one contribution's mask."""
-
-    digest: str
-    kept: int
-    cutoff: list[int] | None  # magnitude masks: [threshold, cut] (see planner.magnitude_cutoff)
-
-
-_SAMPLE_BLOCKS, _SAMPLE_BLOCK = 256, 256  # 65,536 keys per model: the band is ~2% of a tensor
-
-
-def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHUNK) -> tuple[list[MaskRecord | None], float | None]:
-    """The planner's view of tp's masks: per contribution its digest, kept count and
-    (magnitude) top-k cutoff, plus the mask overlap when two or more models are masked.
-    The same values as building each mask whole (build_masks, mask_digest,
-    magnitude_cutoff, overlap_rate); apply rebuilds these masks and checks the digests.
-    Every input is read whole, hashed and checked finite.
-
-    One pass over the inputs: a sample of each model's keys gives a band that probably
-    holds the top-k boundary (select.band_from_sample), and the pass keeps what is above
-    the band and the band's entries (select.BandTopK), which settles the exact set. When a
-    band misses (rare), the exact counting passes run instead (_plan_counted)."""
-    shape = tuple(tp.shape)
-    n = math.prod(shape)
-    contribs = tp.contributions
-    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
-             for c in contribs]
-    masks = [_mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
-    masked = [i for i, m in enumerate(masks) if m is not None]
-    ranked = [i for i in masked if masks[i].kind in ("magnitude", "breadcrumbs")]
-    samples = _sample_keys(src, n, ranked)
-    limit = max(1 << 20, n // 8)
-    bands = {i: [BandTopK(n, s.k, *band_from_sample(samples[i], s.k, n), limit) if 0 < s.k < n else None
-                 for s in masks[i].selections] for i in ranked}
-    if any(b is None for bs in bands.values() for b in bs):
-        return _plan_counted(plan, tp, src, chunk)
-    draws = {i: PackedBits() for i in masked if masks[i].kind in ("bernoulli", "della", "nm")}
-    slices = list(_slices(shape, chunk, _row(shape, False, masks)))
-    everyone = set(range(len(contribs)))
-    bad = False
-    for start, count in slices:
-        b32, deltas, _ = _deltas(src, start, count, everyone)
-        bad |= not _finite_sums(b32, deltas)
-        groups = _nm_slice(tp, masks, deltas)
-        for i, bits in draws.items():
-            if i in groups:
-                bits.add(groups[i] != 0)
-                continue
-            key = deltas[i].abs().view(torch.int32) if masks[i].kind == "della" else None
-            bits.add(masks[i].slice_bits(key, start, count) != 0)
-        for i in ranked:
-            key = deltas[i].abs().view(torch.int32)
-            for band in bands[i]:
-                band.feed(key, start)
-    if bad:
-        _raise_nonfinite(src, tp.name, shape, slices)
-    if not all(b.resolve() for bs in bands.values() for b in bs):
-        return _plan_counted(plan, tp, src, chunk)
-    packed: dict[int, np.ndarray] = {i: bits.array() for i, bits in draws.items()}
-    for i in ranked:
-        outer = bands[i][0].packed
-        packed[i] = outer if len(bands[i]) == 1 else outer & ~bands[i][1].packed
-    records: list[MaskRecord | None] = [None] * len(masks)
-    for i in masked:
-        cutoff = [bands[i][0].threshold, bands[i][0].cut] if masks[i].kind == "magnitude" else None
-        kept = int(np.bitwise_count(packed[i]).sum())
-        records[i] = MaskRecord(hashlib.sha256(packed[i].tobytes()).hexdigest()[:32], kept, cutoff)
-    overlap = None
-    if len(masked) > 1:
-        total = sum(r.kept for r in records if r is not None)
-        shared = 0
-        for i in masked:
-            others = np.zeros_like(packed[i])
-            for j in masked:
-                if j != i:
-                    others |= packed[j]
-            shared += int(np.bitwise_count(packed[i] & others).sum())
-        overlap = shared / total if total else 0.0
-    return records, overlap
-
-
-def _sample_keys(src: SliceSource, n: int, which: list[int]) -> dict[int, torch.Tensor]:
-    """Keys |t_i - base| (float32 bits) of the contributions in `which` at spread-out
-    positions: every position of a small tensor, else _SAMPLE_BLOCKS blocks."""
-    if not which:
-        return {}
-    if n <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
-        starts, size = [0], n
-    else:
-        step = (n - _SAMPLE_BLOCK) / (_SAMPLE_BLOCKS - 1)
-        starts, size = [int(b * step) for b in range(_SAMPLE_BLOCKS)], _SAMPLE_BLOCK
-    out: dict[int, list[torch.Tensor]] = {i: [] for i in which}
-    for st in starts:
-        b32 = src.peek(0, st, size).float()
-        for i in which:
-            out[i].append((src.peek(i + 1, st, size).float() - b32).abs().view(torch.int32))
-    return {i: torch.cat(v) for i, v in out.items()}
-
-
-def _plan_counted(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHUNK) -> tuple[list[MaskRecord | None], float | None]:
-    """plan_streamed by exact counting passes (TopK) and a final pass: for the rare band
-    that misses its boundary."""
-    shape = tuple(tp.shape)
-    n = math.prod(shape)
-    contribs = tp.contributions
-    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
-             for c in contribs]
-    masks = [_mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
-    slices = list(_slices(shape, chunk, _row(shape, False, masks)))
-    checked = _count_passes(src, tp.name, shape, masks, slices)
-    masked = [i for i, m in enumerate(masks) if m is not None]
-    for i in masked:
-        masks[i].digest = hashlib.sha256()
-    kept = [0] * len(masks)
-    lowest: list[int | None] = [None] * len(masks)  # magnitude: smallest kept key
-    last: list[int] = [-1] * len(masks)  # ... and the last flat index holding it
-    total = shared = 0
-    bad = False
-    for start, count in slices:
-        b32, deltas, _ = _deltas(src, start, count, set(range(len(contribs))) if not checked else set(masked))
-        if not checked:
-            bad |= not _finite_sums(b32, deltas)
-        cover = None
-        groups = _nm_slice(tp, masks, deltas)
-        for i in masked:
-            m = masks[i]
-            key = deltas[i].abs().view(torch.int32) if m.kind != "bernoulli" else None
-            b = groups[i] if i in groups else m.slice_bits(key, start, count)
-            m.hash_slice(b)
-            keep = b != 0
-            kept[i] += int(keep.sum())
-            if m.kind == "magnitude":
-                k = key[keep]
-                if k.numel():
-                    low = int(k.min())
-                    at = start + int(torch.nonzero(keep & (key == low)).max())
-                    if lowest[i] is None or low < lowest[i]:
-                        lowest[i], last[i] = low, at
-                    elif low == lowest[i]:
-                        last[i] = max(last[i], at)
-            if len(masked) > 1:
-                cover = keep.to(torch.int32) if cover is None else cover.add_(keep)
-        if cover is not None:
-            total += int(cover.sum())
-            shared += int(torch.where(cover >= 2, cover, 0).sum())
-    if bad:
-        _raise_nonfinite(src, tp.name, shape, slices)
-    records: list[MaskRecord | None] = [None] * len(masks)
-    for i in masked:
-        m = masks[i]
-        cutoff = [lowest[i], last[i]] if m.kind == "magnitude" and lowest[i] is not None else None
-        records[i] = MaskRecord(m.hexdigest(), kept[i], cutoff)
-    overlap = (shared / total if total else 0.0) if len(masked) > 1 else None
-    return records, overlap
-
-
-def _deltas(src: SliceSource, start: int, count: int, which: set[int]):
+def slice_deltas(src: SliceSource, start: int, count: int, which: set[int]):
     """(float32 base slice, float32 deltas t_i - base of the contributions in `which`
     (without a base: the float32 tensors themselves), as run_tensor's deltas_of; and,
     for row-stacked inputs, all deltas as one [models, slice] tensor, else None)."""
@@ -507,14 +350,14 @@ def _deltas(src: SliceSource, start: int, count: int, which: set[int]):
     return b32, out, None
 
 
-def _finite_sums(b32: torch.Tensor | None, deltas: list) -> bool:
+def finite_sums(b32: torch.Tensor | None, deltas: list) -> bool:
     """Cheap screen: a float32 sum is finite whenever every term is (a huge but finite
-    slice can overflow the sum; _raise_nonfinite then counts exactly and finds nothing)."""
+    slice can overflow the sum; raise_nonfinite then counts exactly and finds nothing)."""
     parts = ([b32] if b32 is not None else []) + [d for d in deltas if d is not None]
     return all(math.isfinite(float(p.sum())) for p in parts)
 
 
-def _raise_nonfinite(src: SliceSource, name: str, shape: tuple[int, ...], slices) -> None:
+def raise_nonfinite(src: SliceSource, name: str, shape: tuple[int, ...], slices) -> None:
     """Count NaN/Inf per input in run_tensor's order (base first) and raise for the first."""
     for index in range(len(src.models)):
         if index == 0 and not src.has_base:

@@ -15,7 +15,8 @@ from mergeplan.io.modeldir import ModelDir
 from mergeplan.methods.masks import build_masks, mask_digest, overlap_rate
 from mergeplan.planner import PlanOptions, build_plan, magnitude_cutoff
 from mergeplan.recipe import load_recipe
-from mergeplan.streamed import MemorySlices, plan_streamed, streamable
+from mergeplan.mask_records import plan_streamed
+from mergeplan.streamed import MemorySlices, streamable
 
 CASES = {
     "ties": ("weight: 1.0, density: 0.3", ""),
@@ -125,7 +126,7 @@ def test_band_top_k_equals_topk_mask_or_says_it_missed():
 
 
 def test_missed_bands_fall_back_to_counting_with_the_same_records(tiny_family_bf16, tmp_path, monkeypatch):
-    import mergeplan.streamed as stream
+    import mergeplan.mask_records as stream
 
     fam = tiny_family_bf16
     r = family_recipe(tmp_path / "r.yaml", "breadcrumbs_ties", fam.base,
