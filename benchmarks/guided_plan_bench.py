@@ -110,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = _calib_text(tmp / "calib.txt")
-        fam = Path(a.sample_family)
+        fam = Path(a.sample_family).resolve()
         if not (fam / "base" / "config.json").is_file():
             sys.exit(f"{fam}: no sample family; run `bash samples/demo.sh` (or samples/tiny_family.py) first")
         fts = [fam / n for n in ("math", "code", "legal")]

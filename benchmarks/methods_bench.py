@@ -5,9 +5,9 @@
 
 Same family and child-process measurement as benchmarks/apply_bench.py (built there, reused
 here). Per method: `mergeplan plan` then `mergeplan apply`, each in a fresh process, the
-same run; the copy floor first as the baseline. Methods whose masks need the whole tensor
-at once (della, CABS n:m, l1 rescale) take the whole-tensor path in both phases; the table
-says which path each took. Prints a markdown table. Not part of the tests.
+same run; the copy floor first as the baseline. Masks that need the whole tensor at once (l1
+rescale; explicit mask bits) take the whole-tensor path in both phases; the table says
+which path each took (della streams in whole rows, CABS in whole m-groups). Prints a markdown table. Not part of the tests.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ METHODS = {
     "dare_linear": ("weight: 0.3, density: 0.5", "", False),
     "dare_ties": ("weight: 1.0, density: 0.5", "", False),
     "breadcrumbs_ties": ("weight: 1.0, density: 0.5, gamma: 0.01", "", False),
-    "della": ("weight: 1.0, density: 0.5, epsilon: 0.1", "", True),
-    "cabs": ("weight: 1.0, n: 8", "parameters: {m: 16}", True),
+    "della": ("weight: 1.0, density: 0.5, epsilon: 0.1", "", False),
+    "cabs": ("weight: 1.0, n: 8", "parameters: {m: 16}", False),
     "ties_l1": ("weight: 1.0, density: 0.5", "parameters: {rescale: true, rescale_mode: l1}", True),
 }
 

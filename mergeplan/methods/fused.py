@@ -135,8 +135,9 @@ class FusedMerge:
 
 
 def fused_applies(method: str, params: dict, weights: list[float]) -> bool:
-    """Whether _fused applies: consensus None/"sum", a base, finite weights."""
+    """Whether FusedMerge applies: consensus None/"sum", a base, at least one model, finite
+    weights (the property tests cover exactly these)."""
     spec = method_spec(method)
-    if not spec.needs_base or not all(math.isfinite(float(x)) for x in weights):
+    if not weights or not spec.needs_base or not all(math.isfinite(float(x)) for x in weights):
         return False
     return params.get("consensus_method", spec.consensus) in (None, "sum")
