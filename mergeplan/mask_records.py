@@ -48,9 +48,7 @@ def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
     shape = tuple(tp.shape)
     n = math.prod(shape)
     contribs = tp.contributions
-    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
-             for c in contribs]
-    masks = [mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
+    masks = _fresh_masks(plan, tp, n)
     masked = [i for i, m in enumerate(masks) if m is not None]
     ranked = [i for i in masked if masks[i].kind in ("magnitude", "breadcrumbs")]
     samples = _sample_keys(src, n, ranked)
@@ -104,6 +102,14 @@ def plan_streamed(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
     return records, overlap
 
 
+def _fresh_masks(plan: Plan, tp: TensorPlan, n: int) -> list:
+    """The per-slice masks the plan's specs describe, built as if no digest or cutoff
+    were recorded yet (the planner is computing them)."""
+    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
+             for c in tp.contributions]
+    return [mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(tp.contributions, specs)]
+
+
 def _sample_keys(src: SliceSource, n: int, which: list[int]) -> dict[int, torch.Tensor]:
     """Keys |t_i - base| (float32 bits) of the contributions in `which` at spread-out
     positions: every position of a small tensor, else _SAMPLE_BLOCKS blocks."""
@@ -128,9 +134,7 @@ def _plan_counted(plan: Plan, tp: TensorPlan, src: SliceSource, chunk: int = CHU
     shape = tuple(tp.shape)
     n = math.prod(shape)
     contribs = tp.contributions
-    specs = [None if c.mask is None else {k: v for k, v in c.mask.items() if k not in ("digest", "cutoff")}
-             for c in contribs]
-    masks = [mask_for(plan, tp, c.model, spec, n, False) for c, spec in zip(contribs, specs)]
+    masks = _fresh_masks(plan, tp, n)
     slices = list(slices_of(shape, chunk, slice_row(shape, False, masks)))
     checked = count_passes(src, tp.name, shape, masks, slices)
     masked = [i for i, m in enumerate(masks) if m is not None]
