@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .whole import aim_factors
 from .plan.codec import plan_digest
 from .plan.identity import decision_digest, edit_summary
 from .plan.diff import DiffRow
@@ -36,6 +35,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _aim_mean(relax: dict) -> float:
+    """Mean AIM factor f = 1 - scores * (1 - omega) (whole.aim_factors' float32 arithmetic)
+    in numpy, so that `show` never imports torch."""
+    with np.errstate(all="ignore"):  # a hostile omega may overflow float32: shown as inf, not warned
+        scores = np.asarray(relax["scores"], dtype=np.float32)
+        return float((np.float32(1.0) - scores * np.float32(1.0 - float(relax["omega"]))).mean(dtype=np.float32))
+
+
 def layer_summary(plan: Plan) -> list[dict[str, Any]]:
     """Per layer ("-" for tensors outside decoder blocks): mean density, weight, kept fraction
     per model over merged tensors, plus mean lambda, AIM factor and mask overlap."""
@@ -54,7 +61,7 @@ def layer_summary(plan: Plan) -> list[dict[str, Any]]:
                 a[f"kept:{c.model}"].append(kept[c.model])
         a["lambda"].append(float(t.params.get("lambda", 1.0)))
         if t.relax:
-            a["aim_factor"].append(float(aim_factors(t.relax).mean()))
+            a["aim_factor"].append(_aim_mean(t.relax))
         if "overlap" in t.stats:
             a["overlap"].append(t.stats["overlap"])
     rows = []

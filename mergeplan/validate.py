@@ -8,8 +8,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import InputMismatchError, MergeplanError, PlanFormatError
-from .io.modeldir import ModelDir
-from .methods.masks import check_spec
+from .methods.spec import FLOAT_DTYPE_NAMES, check_spec
 from .methods.registry import METHODS
 from .plan.model import OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Plan, TensorPlan
 
@@ -51,13 +50,7 @@ def check_plan(plan: Plan) -> list[str]:
 
 
 def _float_dtype(name: str) -> bool:
-    from .io.tensors import recipe_to_torch
-
-    try:
-        recipe_to_torch(name)
-    except MergeplanError:
-        return False
-    return True
+    return isinstance(name, str) and name.strip().lower() in FLOAT_DTYPE_NAMES  # as io.tensors.recipe_to_torch
 
 
 def _merge_problems(t: TensorPlan, ids: set[str], spec) -> list[str]:
@@ -121,6 +114,7 @@ def check_inputs(plan: Plan, remap: dict[str, str], full: bool = False, plan_pat
     every tensor when the plan recorded tensor digests (the check apply makes as it reads);
     for older plans, sizes and headers, and with `full` the shards' recorded sha256."""
     from .apply import model_paths
+    from .io.modeldir import ModelDir  # torch: only when inputs are read
 
     lines = []
     paths = model_paths(plan, remap, plan_path)
@@ -147,7 +141,7 @@ def check_inputs(plan: Plan, remap: dict[str, str], full: bool = False, plan_pat
     return lines
 
 
-def check_against_inputs(plan: Plan, dirs: dict[str, ModelDir]) -> None:
+def check_against_inputs(plan: Plan, dirs: dict) -> None:
     """Every tensor the plan merges or copies exists in the models it reads, with the plan's
     shape, in a dtype the operation can take: checked before apply allocates anything, so
     a plan cannot make it reserve memory or write a tensor that the inputs do not back."""

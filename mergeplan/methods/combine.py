@@ -13,7 +13,7 @@ import torch
 from mergeplan.errors import MergeplanError
 from mergeplan.methods.masks import MaskResult
 
-CONSENSUS = ("sum", "count")
+from mergeplan.methods.spec import CONSENSUS  # noqa: E402,F401 - re-exported
 
 
 def _masked(delta: torch.Tensor, mask: MaskResult | None) -> torch.Tensor:

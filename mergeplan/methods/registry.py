@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-import torch
+from typing import TYPE_CHECKING
 
 from mergeplan.errors import MergeplanError
-from mergeplan.methods.combine import CONSENSUS, linear, merge_deltas
-from mergeplan.methods.masks import MaskResult, check_spec
+from mergeplan.methods.spec import CONSENSUS, check_spec
+
+if TYPE_CHECKING:  # the method table is read without torch (show, validate, diff)
+    import torch
+
+    from mergeplan.methods.masks import MaskResult
 
 REQUIRED = object()  # marks a parameter without a default
 DEFAULT_RESCALE_MODE = "inverse"  # the DARE paper's 1/p; "l1" is mergekit 0.1.5's
@@ -218,6 +222,10 @@ def merge_tensor(
     `params` are the method's global parameters (missing ones take the defaults);
     `masks` come from build_masks over the deltas tensors[i] - base.
     """
+    import torch
+
+    from mergeplan.methods.combine import linear, merge_deltas
+
     spec = method_spec(method)
     normalize = params.get("normalize", spec.normalize)
     if not spec.needs_base:
