@@ -111,7 +111,7 @@ def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None
             dirs[mid] = ModelDir.open(p, name=mid)
         # Every input checked before anything is allocated or written.
         for m in plan.models:
-            dirs[m.id].check_fingerprint(m.fingerprint, full=opts.full_verify)
+            dirs[m.id].check_fingerprint(m.fingerprint, full=opts.full_verify, content=m.content_digests())
         check_against_inputs(plan, dirs)
         unchecked = [m.id for m in plan.models if not dirs[m.id].verifies_content]
         if unchecked and opts.note:
@@ -121,13 +121,6 @@ def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None
     finally:
         for d in dirs.values():
             d.close()
-
-
-def _models_of(plan: Plan, t) -> list[str]:
-    if t.op == "copy":
-        return [t.source]
-    ids = [c.model for c in t.contributions]
-    return ([plan.base.id] if plan.base else []) + ids
 
 
 def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions) -> ApplyResult:
@@ -150,7 +143,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         on_cpu = opts.device.type == "cpu"
 
         def cost(tp) -> int:
-            ids = _models_of(plan, tp)
+            ids = plan.input_models(tp)
             nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
             return _working_set(tp, recipe_to_torch(tp.dtype), nbytes, on_cpu and streamable(plan, tp), len(ids))
 
@@ -158,8 +151,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             if _DEBUG_DELAY:
                 time.sleep(_DEBUG_DELAY)
             out_dtype = recipe_to_torch(tp.dtype)
-            ids = _models_of(plan, tp)
-            nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
+            nbytes = sum(dirs[m].info(tp.name).nbytes for m in plan.input_models(tp))
             stream = on_cpu and streamable(plan, tp)
             if stream:
                 ws = workspaces.setdefault(threading.get_ident(), {})
@@ -209,15 +201,14 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         for w in writers.values():
             w.close()
         write_index(tmp, layouts)
-        aux_model = dirs[(plan.base or plan.task_models[0]).id]
-        aux_model_ref = plan.base or plan.task_models[0]
-        recorded = {f.get("file"): f for f in aux_model_ref.fingerprint.get("files", []) if isinstance(f, dict)}
-        legacy = not aux_model.verifies_content  # a plan from before copied files were fingerprinted
+        source = plan.aux_source
+        recorded = source.file_records()
+        legacy = not dirs[source.id].verifies_content  # a plan from before copied files were fingerprinted
         for f in plan.aux_files:
             if f not in recorded and not legacy:
-                raise MergeplanError(f"the plan copies {f!r} from model {aux_model_ref.id} but records no digest for it; "
+                raise MergeplanError(f"the plan copies {f!r} from model {source.id} but records no digest for it; "
                                      "the plan is corrupt or hostile: re-plan")
-            aux_model.copy_aux(f, tmp / f, recorded.get(f), mode)
+            dirs[source.id].copy_aux(f, tmp / f, recorded.get(f), mode)
         prov = provenance(plan, plan_digest(plan))
         _write_new(tmp / "README.md", model_card(plan, prov), mode)
         _write_new(tmp / "mergeplan.json", provenance_json(prov), mode)

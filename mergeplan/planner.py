@@ -302,8 +302,7 @@ def _plan_cost(plan: Plan, tp: TensorPlan, inp: _Inputs) -> int:
     tensors the inputs held whole. Whole: every input plus float32 deltas and masks."""
     n = math.prod(tp.shape)
     models = len(tp.contributions) + 1
-    nbytes = sum(inp.dirs[m].info(tp.name).nbytes for m in [c.model for c in tp.contributions]
-                 + ([inp.base.id] if inp.base else []))
+    nbytes = sum(inp.dirs[m].info(tp.name).nbytes for m in plan.input_models(tp))
     if streamable(plan, tp):
         return 64 * CHUNK * (models + 2) + n * models + (nbytes if nbytes <= IN_MEMORY_INPUTS else 0)
     return nbytes + 4 * n * (2 * models + 4)
@@ -336,7 +335,7 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
                 recipe.path.parent if recipe.path else Path.cwd(), device=opts.device, quiet=opts.quiet,
             )
         models = ([inp.base] if inp.base else []) + inp.tasks
-        aux_source = (inp.base or inp.tasks[0]).id
+        aux_source = (inp.base or inp.tasks[0]).id  # what Plan.aux_source names once the plan exists
         aux = inp.dirs[aux_source].aux_files()
         plan = Plan(
             method=recipe.merge_method,

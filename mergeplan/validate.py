@@ -122,19 +122,16 @@ def check_inputs(plan: Plan, remap: dict[str, str], full: bool = False, plan_pat
     try:
         for m in plan.models:
             md = dirs[m.id] = ModelDir.open(paths[m.id], name=m.id)
-            content = bool(m.fingerprint.get("tensor_blake3")) if isinstance(m.fingerprint, dict) else False
-            md.check_fingerprint(m.fingerprint, full=full or content)
-            how = "every tensor's sha256" if content else ("full shard sha256" if full else "sizes and headers only")
+            content = m.content_digests()
+            md.check_fingerprint(m.fingerprint, full=full or bool(content), content=content)
+            how = "every tensor's digest" if content else ("full shard sha256" if full else "sizes and headers only")
             lines.append(f"model {m.id}: {paths[m.id]} matches ({how})")
         check_against_inputs(plan, dirs)
-        aux = plan.base or (plan.task_models[0] if plan.task_models else None)
-        if aux is not None:
-            recorded = {f.get("file"): f for f in aux.fingerprint.get("files", []) if isinstance(f, dict)}
+        source = plan.aux_source
+        if source is not None:
+            recorded = source.file_records()
             for f in plan.aux_files:
-                got = dirs[aux.id].aux_fingerprint(f)
-                if f in recorded and (got["size"], got["sha256"]) != (recorded[f].get("size"), recorded[f].get("sha256")):
-                    raise InputMismatchError(f"model {aux.id} ({paths[aux.id]}): {f} differs from the file the plan "
-                                             "was made from (sha256); restore it or re-plan")
+                dirs[source.id].check_aux(f, recorded.get(f))
     finally:
         for md in dirs.values():
             md.close()
@@ -147,7 +144,6 @@ def check_against_inputs(plan: Plan, dirs: dict) -> None:
     a plan cannot make it reserve memory or write a tensor that the inputs do not back."""
     from .io.tensors import recipe_to_torch, st_to_torch
 
-    base = plan.base.id if plan.base else None
     if len(set(plan.aux_files)) != len(plan.aux_files):
         raise PlanFormatError("the plan lists a copied file twice in aux_files; the plan is corrupt")
     try:
@@ -161,8 +157,7 @@ def check_against_inputs(plan: Plan, dirs: dict) -> None:
             out_dtype = recipe_to_torch(t.dtype)
         except Exception:
             raise PlanFormatError(f"{t.name}: output dtype {t.dtype!r} is not one mergeplan writes; the plan is corrupt") from None
-        ids = [t.source] if t.op == OP_COPY else ([base] if base else []) + [c.model for c in t.contributions]
-        for mid in ids:
+        for mid in plan.input_models(t):
             md = dirs[mid]
             if t.name not in md:
                 raise InputMismatchError(f"model {mid} ({md.path}): tensor {t.name} is missing; the inputs do not match the plan")

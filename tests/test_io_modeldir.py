@@ -281,7 +281,7 @@ def test_empty_or_broken_index(tmp_path):
     with pytest.raises(MergeplanError, match="not a valid safetensors index"):
         ModelDir.open(d)
     idx.write_text('{"weight_map": {"a": "../elsewhere.safetensors"}}')
-    with pytest.raises(MergeplanError, match="outside its directory"):
+    with pytest.raises(MergeplanError, match="not a plain file name"):
         ModelDir.open(d)
 
 

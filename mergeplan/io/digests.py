@@ -29,9 +29,6 @@ import torch
 
 from mergeplan.errors import InputMismatchError, MergeplanError
 
-DIGEST_SIZE = 32
-
-
 def tensor_blake3(t: torch.Tensor) -> bytes:
     """BLAKE3-256 of a tensor's bytes as stored (row-major, little-endian)."""
     flat = t.detach().reshape(-1)
@@ -42,17 +39,6 @@ def tensor_blake3(t: torch.Tensor) -> bytes:
 
 def pack(digests: list[bytes]) -> bytes:
     return b"".join(digests)
-
-
-def table(fingerprint: dict) -> dict[str, bytes]:
-    """tensor name -> recorded BLAKE3 digest (empty when the plan recorded none)."""
-    blob = fingerprint.get("tensor_blake3")
-    names = [t[0] for t in fingerprint.get("tensors", [])]
-    if blob is None:
-        return {}
-    if not isinstance(blob, (bytes, bytearray)) or len(blob) != DIGEST_SIZE * len(names):
-        raise MergeplanError("malformed tensor digests in the plan's fingerprint; the plan is corrupt")
-    return {n: bytes(blob[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]) for i, n in enumerate(names)}
 
 
 def mismatch(where: str, name: str, file: str) -> InputMismatchError:
@@ -96,14 +82,20 @@ class SequentialCheck:
         return self._h.digest()
 
 
-def file_sha256(fd: int, size: int, chunk: int = 8 << 20) -> str:
-    """sha256 hex of the first `size` bytes of an open file (read with pread)."""
+def file_sha256(fd: int, size: int, where: str, sink=None, chunk: int = 8 << 20) -> str:
+    """sha256 hex of the first `size` bytes of an open file (read with pread), each chunk
+    also handed to `sink` (a copy). A file that ends early is an error, never a short hash."""
     h = hashlib.sha256()
     off = 0
-    while off < size:
-        b = os.pread(fd, min(chunk, size - off), off)
-        if not b:
-            break
-        h.update(b)
-        off += len(b)
+    try:
+        while off < size:
+            b = os.pread(fd, min(chunk, size - off), off)
+            if not b:
+                raise MergeplanError(f"{where} ended after {off} of {size} bytes (changed while being read?); retry")
+            h.update(b)
+            if sink is not None:
+                sink(b)
+            off += len(b)
+    except OSError as e:
+        raise MergeplanError(f"cannot read {where}: {e.strerror}") from None
     return h.hexdigest()

@@ -20,7 +20,7 @@ import torch
 
 from mergeplan.errors import InputMismatchError, MergeplanError
 from mergeplan.io import digests
-from mergeplan.io.confine import blob_sha256, hub_snapshot, open_regular
+from mergeplan.io.confine import blob_sha256, check_file_name, hub_snapshot, open_regular
 from mergeplan.io.header import ParsedHeader, read_header
 from mergeplan.io.tensors import st_to_torch
 
@@ -129,7 +129,7 @@ class ModelDir:
 
     def read(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh, owning tensor in the stored dtype (on `device` if given, else CPU);
-        checked against the plan's digest when `expect` gave one."""
+        checked against the plan's digest when check_fingerprint was given one."""
         info = self.info(name)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
@@ -232,22 +232,18 @@ class ModelDir:
         return fp
 
     def _sha256(self, file: str) -> str:
-        h = hashlib.sha256()
+        fd, size, _ = open_regular(self.path, file, "shard")
         try:
-            with open(self.path / file, "rb", buffering=0) as f:
-                buf = bytearray(_HASH_CHUNK)
-                mv = memoryview(buf)
-                while n := f.readinto(buf):
-                    h.update(mv[:n])
-        except OSError as e:
-            raise MergeplanError(f"cannot read {self.path / file}: {e.strerror}") from None
-        return h.hexdigest()
+            return digests.file_sha256(fd, size, str(self.path / file), chunk=_HASH_CHUNK)
+        finally:
+            os.close(fd)
 
-    def check_fingerprint(self, recorded: dict, full: bool = False) -> None:
+    def check_fingerprint(self, recorded: dict, full: bool = False, content: dict[str, bytes] | None = None) -> None:
         """Raise InputMismatchError (one line) if these weights differ from `recorded`.
 
-        Fast by default: shard names, sizes, header hashes and the tensor table. `full`
-        also re-hashes every byte and compares with the recorded sha256.
+        Shard names, sizes, header hashes and the tensor table now; `content` (tensor ->
+        digest, ModelRef.content_digests) is kept to check every later read against. `full`
+        also reads every tensor now (or, without `content`, every shard's recorded sha256).
         """
         where = f"model {self.name} ({self.path})"
         try:
@@ -287,7 +283,7 @@ class ModelDir:
                 raise InputMismatchError(
                     f"{where}: shard {f} header (tensor layout/metadata) differs from the one recorded"
                 )
-        self._expected = digests.table(recorded)
+        self._expected = dict(content or {})
         if not full:
             return
         if self._expected:
@@ -333,7 +329,7 @@ class ModelDir:
             raise MergeplanError(f"{self.where}: {name!r} is not a file mergeplan copies into an output")
         fd, size, _ = open_regular(self.path, name, "file", AUX_MAX_BYTES)
         try:
-            return {"file": name, "size": size, "sha256": digests.file_sha256(fd, size)}
+            return {"file": name, "size": size, "sha256": digests.file_sha256(fd, size, str(self.path / name))}
         finally:
             os.close(fd)
 
@@ -346,22 +342,21 @@ class ModelDir:
                                  "mergeplan copies; the plan is corrupt or hostile")
         fd, size, _ = open_regular(self.path, name, "file", AUX_MAX_BYTES)
         try:
-            h = hashlib.sha256()
             out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
             try:
-                off = 0
-                while off < size:
-                    b = os.pread(fd, min(_HASH_CHUNK, size - off), off)
-                    if not b:
-                        raise MergeplanError(f"{self.path / name} shrank while being copied; retry")
-                    h.update(b)
-                    _write_all(out, b)
-                    off += len(b)
+                sha = digests.file_sha256(fd, size, str(self.path / name), sink=lambda b: _write_all(out, b))
             finally:
                 os.close(out)
         finally:
             os.close(fd)
-        if recorded is not None and (recorded.get("size") != off or recorded.get("sha256") != h.hexdigest()):
+        self._match_aux(name, {"size": size, "sha256": sha}, recorded)
+
+    def check_aux(self, name: str, recorded: dict | None) -> None:
+        """`validate --inputs`: the copied file as copy_aux would find it."""
+        self._match_aux(name, self.aux_fingerprint(name), recorded)
+
+    def _match_aux(self, name: str, got: dict, recorded: dict | None) -> None:
+        if recorded is not None and (recorded.get("size"), recorded.get("sha256")) != (got["size"], got["sha256"]):
             raise InputMismatchError(
                 f"{self.where}: {name} differs from the file the plan was made from (sha256); restore it or re-plan"
             )
@@ -443,8 +438,7 @@ def _load_weight_map(index: Path) -> dict[str, str]:
             f"{index} is not a valid safetensors index (needs a \"weight_map\" of tensor -> file)"
         ) from None
     for f in weight_map.values():
-        if Path(f).name != f:
-            raise MergeplanError(f"{index} names shard {f!r} outside its directory")
+        check_file_name(f, f"shard named by {index}")
     return weight_map
 
 

@@ -18,6 +18,8 @@ FORMAT_NAME = "mergeplan"
 # a v1 reader would ignore them, so v2 plans are refused there rather than half-checked.
 FORMAT_VERSION = 2
 
+DIGEST_SIZE = 32  # bytes per recorded tensor digest (BLAKE3-256)
+
 ROLE_BASE = "base"
 ROLE_TASK = "task"
 
@@ -36,6 +38,22 @@ class ModelRef:
     # {"repo": "org/name", "revision": <commit>} when the model came from the Hugging Face
     # cache: a receiver without the path fetches exactly that commit.
     hub: dict[str, str] | None = None
+
+    # -- what the fingerprint records (its layout: docs/plan-format.md) ------------------
+    def content_digests(self) -> dict[str, bytes]:
+        """tensor name -> the BLAKE3 digest the planner recorded (empty for plans without)."""
+        fp = self.fingerprint
+        blob = fp.get("tensor_blake3")
+        names = [t[0] for t in fp.get("tensors", [])]
+        if blob is None:
+            return {}
+        if not isinstance(blob, (bytes, bytearray)) or len(blob) != DIGEST_SIZE * len(names):
+            raise ValueError(f"model {self.id}: malformed tensor digests in the fingerprint")
+        return {n: bytes(blob[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]) for i, n in enumerate(names)}
+
+    def file_records(self) -> dict[str, dict[str, Any]]:
+        """copied file name -> {file, size, sha256} as the planner recorded it."""
+        return {f["file"]: f for f in self.fingerprint.get("files", []) if isinstance(f, dict) and "file" in f}
 
 
 @dataclass
@@ -114,6 +132,18 @@ class Plan:
     @property
     def task_models(self) -> list[ModelRef]:
         return [m for m in self.models if m.role == ROLE_TASK]
+
+    @property
+    def aux_source(self) -> ModelRef | None:
+        """The model whose config and tokenizer files are copied: the base, else the first task."""
+        return self.base or next(iter(self.task_models), None)
+
+    def input_models(self, t: "TensorPlan") -> list[str]:
+        """Ids of the models a tensor reads: its copy source, or the base (if any) and each
+        contribution, in the order apply and the planner read them."""
+        if t.op == OP_COPY:
+            return [t.source]
+        return ([self.base.id] if self.base else []) + [c.model for c in t.contributions]
 
     def model(self, model_id: str) -> ModelRef:
         for m in self.models:
