@@ -22,7 +22,8 @@ import torch
 from . import interrupt, malloc
 from .errors import MergeplanError, PlanFormatError
 from .whole import TensorInputs, check_finite, run_tensor
-from .streamed import CHUNK, IN_MEMORY_INPUTS, grown, run_streamed, streamable, tensor_inputs
+from .slices import IN_MEMORY_INPUTS, grown, tensor_inputs
+from .streamed import CHUNK, run_streamed, streamable
 from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards

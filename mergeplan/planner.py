@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -29,7 +28,8 @@ from .methods.select import magnitude_bits
 from .methods.registry import METHODS, mask_spec, resolve_params
 from .schedule import MemoryScheduler
 from .mask_records import plan_streamed
-from .streamed import CHUNK, IN_MEMORY_INPUTS, streamable, tensor_inputs
+from .slices import IN_MEMORY_INPUTS, tensor_inputs
+from .streamed import CHUNK, streamable
 from .plan.model import (
     OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Contribution, ModelRef, Plan, TensorPlan,
 )

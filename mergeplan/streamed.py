@@ -32,17 +32,17 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .whole import check_mask_digest, nonfinite_error, relax_factors, relax_with
 from .methods.fused import FusedMerge, fused_applies
-from .methods.masks import MaskResult, breadcrumbs_window, check_spec, magnitude_keep_count, nm_mask
+from .methods.masks import MaskResult, breadcrumbs_window, magnitude_keep_count, nm_mask
+from .methods.spec import check_spec
 from .methods.registry import merge_tensor
 from .methods.rng import generator_for
-from .methods.select import TopK
+from .methods.select import BitPacker, TopK
 from .plan.model import OP_MERGE, Plan, TensorPlan
-from .slices import IN_MEMORY_INPUTS, FileSlices, MemorySlices, SliceSource, grown, tensor_inputs  # noqa: F401 - re-exported
+from .slices import SliceSource
 
 CHUNK = 1 << 17  # elements per slice: small enough for cache, large enough that per-op
 # overhead (and, with threads, GIL hand-offs) stays a small share
@@ -83,7 +83,7 @@ class _Mask:
     prob: torch.Tensor | None = None
     digest: object | None = None  # hashlib object while checking
     want: str | None = None
-    _tail: np.ndarray | None = None
+    _packer: BitPacker = field(default_factory=BitPacker)
     della: tuple[float, float, int, bool] | None = None  # density, epsilon, row length, inverse rescale
     slice_scale: torch.Tensor | None = None  # della's per-entry rescale for the last slice
     nm: tuple[int, int] | None = None  # CABS: keep n of every m (masks of a tensor depend on each other)
@@ -107,17 +107,10 @@ class _Mask:
 
     def hash_slice(self, mask_bits: torch.Tensor) -> None:
         """Feed mask_digest's byte stream (np.packbits, big-endian, row-major) one slice at a time."""
-        bits = mask_bits.to(torch.uint8).numpy()  # packbits packs nonzero as 1
-        if self._tail is not None and len(self._tail):
-            bits = np.concatenate([self._tail, bits])
-        whole = len(bits) - len(bits) % 8
-        self.digest.update(np.packbits(bits[:whole], bitorder="big").tobytes())
-        self._tail = bits[whole:].copy()
+        self.digest.update(self._packer.push(mask_bits).tobytes())
 
     def hexdigest(self) -> str:
-        if self._tail is not None and len(self._tail):
-            self.digest.update(np.packbits(self._tail, bitorder="big").tobytes())
-            self._tail = None
+        self.digest.update(self._packer.flush().tobytes())
         return self.digest.hexdigest()[:32]
 
 

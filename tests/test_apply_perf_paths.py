@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import mergeplan.apply as apply_mod
-import mergeplan.streamed as stream
 from cli_helpers import write_recipe
 from mergeplan.apply import ApplyOptions, apply_plan
 from mergeplan.schedule import MemoryScheduler as _Scheduler
@@ -28,7 +27,8 @@ from mergeplan.planner import PlanOptions, build_plan
 from mergeplan.plan import Contribution, ModelRef, Plan, TensorPlan
 from mergeplan.recipe import load_recipe
 from mergeplan.methods.select import TopK
-from mergeplan.streamed import MemorySlices, run_streamed, streamable
+from mergeplan.slices import MemorySlices
+from mergeplan.streamed import run_streamed, streamable
 
 SHAPE = (19, 23)
 MODELS = ["base", "m0", "m1", "m2"]

@@ -43,7 +43,7 @@ def test_schema_names_every_dataclass_field():
 
 def test_schema_constants_match_the_kernels():
     # plan/ stays free of torch, so the mask kinds are spelt twice; they must agree.
-    from mergeplan.methods.masks import KINDS
+    from mergeplan.methods.spec import KINDS
 
     assert schema.MASK_KINDS == KINDS
 

@@ -16,7 +16,8 @@ from mergeplan.methods.masks import build_masks, mask_digest, overlap_rate
 from mergeplan.planner import PlanOptions, build_plan, magnitude_cutoff
 from mergeplan.recipe import load_recipe
 from mergeplan.mask_records import plan_streamed
-from mergeplan.streamed import MemorySlices, streamable
+from mergeplan.slices import MemorySlices
+from mergeplan.streamed import streamable
 
 CASES = {
     "ties": ("weight: 1.0, density: 0.3", ""),

@@ -7,7 +7,6 @@ may read at once (pread does not move a shared file position).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from mergeplan.errors import MergeplanError
-from mergeplan.methods.spec import KINDS, RESCALES, check_spec  # noqa: F401 - re-exported
+from mergeplan.methods.spec import check_spec
 from mergeplan.methods.rng import uniform
 from mergeplan.methods.select import magnitude_bits, topk_mask
 

@@ -236,26 +236,41 @@ class TopK:
 # ---- the same selection in one pass, given a band that probably holds the boundary ----------
 
 
-class PackedBits:
-    """A flat bool mask appended slice by slice, kept packed (np.packbits, big-endian bit
-    order, as masks.pack_bits): slices of any length, the bits continue across them."""
+class BitPacker:
+    """A flat mask's bytes as masks.pack_bits makes them (np.packbits, big-endian bit
+    order), produced slice by slice: slices of any length, the bits continue across them."""
 
     def __init__(self) -> None:
-        self._parts: list[np.ndarray] = []
         self._tail = np.zeros(0, dtype=bool)
 
-    def add(self, bits: torch.Tensor) -> None:
+    def push(self, bits: torch.Tensor) -> np.ndarray:
+        """The packed bytes this slice completes (nonzero = kept)."""
         b = bits.numpy().astype(bool, copy=False)
         if len(self._tail):
             b = np.concatenate([self._tail, b])
         whole = len(b) - len(b) % 8
-        self._parts.append(np.packbits(b[:whole], bitorder="big"))
         self._tail = b[whole:].copy()
+        return np.packbits(b[:whole], bitorder="big")
+
+    def flush(self) -> np.ndarray:
+        """The last, partly filled byte (if any); call once, after the last slice."""
+        tail, self._tail = self._tail, np.zeros(0, dtype=bool)
+        return np.packbits(tail, bitorder="big")
+
+
+class PackedBits(BitPacker):
+    """A flat bool mask appended slice by slice and kept packed (BitPacker's bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[np.ndarray] = []
+
+    def add(self, bits: torch.Tensor) -> None:
+        self._parts.append(self.push(bits))
 
     def array(self) -> np.ndarray:
         """The packed mask (uint8), tail included; call once, after the last slice."""
-        parts = self._parts + ([np.packbits(self._tail, bitorder="big")] if len(self._tail) else [])
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+        return np.concatenate(self._parts + [self.flush()])
 
 
 class BandTopK:
