@@ -8,7 +8,7 @@ and say why in the commit.
 
 What varies between runs and machines is blanked before hashing: the creation time, the
 recipe's path and text (absolute paths of the temporary family), each model's path, and
-the recipe path that prefixes notes (the notes' text and lines are kept)."""
+the recipe path that prefixes notes (the notes' text and lines are kept), and in the\ncalibration record the data paths and pass timings."""
 
 from __future__ import annotations
 
@@ -103,6 +103,15 @@ def _recipes() -> dict[str, str]:
     return out
 
 
+def _blank(obj, root: str):
+    """Calibration records name the data files (absolute here) and time each pass."""
+    if isinstance(obj, dict):
+        return {_blank(k, root): _blank(v, root) for k, v in obj.items() if k != "timings_s"}
+    if isinstance(obj, list):
+        return [_blank(v, root) for v in obj]
+    return obj.replace(root, "FAM") if isinstance(obj, str) else obj
+
+
 def _digests(fam, tmp: Path) -> dict[str, str]:
     from mergeplan.plan.codec import plan_digest
     from mergeplan.planner import PlanOptions, build_plan
@@ -116,6 +125,7 @@ def _digests(fam, tmp: Path) -> dict[str, str]:
         plan.created = ""
         plan.recipe = {}
         plan.notes = [n.replace(str(r), "RECIPE") for n in plan.notes]
+        plan.calibration = _blank(plan.calibration, str(fam.root))
         for m in plan.models:
             m.path = m.id
         got[label] = plan_digest(plan)
