@@ -225,7 +225,7 @@ class TuneSpec(Section):
 
     example = "`tune: {candidates: 16, space: {...}}`"
     strategy: Literal["grid", "random", "tpe"] = "random"
-    candidates: Annotated[Optional[int], integer(1)] = None
+    candidates: Annotated[Optional[int], integer(1, optional=True)] = None
     time: Annotated[Optional[float], BeforeValidator(_duration)] = None  # seconds
     seed: Annotated[int, integer(0)] = 0
     objective: Objective = Objective()
