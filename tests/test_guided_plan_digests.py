@@ -48,24 +48,30 @@ def recipe_text(case: str) -> str:
             f"guides: {guides}\nseed: 7\n")
 
 
-def stable_digest(plan) -> str:
-    """sha256 of the plan body without the run-to-run fields (see the module doc)."""
+def stable_digest(plan, drop: tuple[str, ...] = ()) -> str:
+    """sha256 of the plan body without the run-to-run fields (see the module doc), nor the
+    calibration record's keys in `drop`."""
     from mergeplan.plan.codec import canonical_bytes, plan_to_dict
 
     d = plan_to_dict(plan)
     d.pop("created")
     d["recipe"] = {k: v for k, v in d["recipe"].items() if k not in ("path", "dir")}
-    d["calibration"] = {k: v for k, v in d["calibration"].items() if k != "timings_s"}
+    d["calibration"] = {k: v for k, v in d["calibration"].items() if k not in ("timings_s", *drop)}
     return hashlib.sha256(canonical_bytes(d)).hexdigest()
 
 
 def plan_case(fam_root: Path, case: str, stats=None):
     from mergeplan.planner import PlanOptions, build_plan
+
+    return build_plan(case_recipe(fam_root, case), PlanOptions(device="cpu", threads=1, quiet=True), stats=stats)
+
+
+def case_recipe(fam_root: Path, case: str):
     from mergeplan.recipe import load_recipe
 
     path = fam_root / f"{case}.yaml"
     path.write_text(recipe_text(case))
-    return build_plan(load_recipe(path), PlanOptions(device="cpu", threads=1, quiet=True))
+    return load_recipe(path)
 
 
 def digests(fam_root: Path, cases) -> dict[str, str]:
@@ -86,6 +92,44 @@ def test_guided_plans_match_recorded_digests(tiny_family, case):
 def test_tied_family_plan_matches_recorded_digest(tied_family):
     want = json.loads(DIGESTS.read_text())
     assert digests(tied_family.root, TIED_CASES) == want["tied"]
+
+
+def test_plan_from_reused_statistics_equals_the_recorded_plan(tiny_family):
+    """build_plan(stats=...) skips calibration: the same plan for the same options, and the
+    same decisions from statistics gathered for more candidates (a search)."""
+    from mergeplan.guides import parse_guides
+    from mergeplan.planner import PlanOptions, calibrate_recipe
+
+    want = json.loads(DIGESTS.read_text())["untied"]
+    rec = case_recipe(tiny_family.root, "ties_all")
+    opts = PlanOptions(device="cpu", quiet=True)
+    stats = calibrate_recipe(rec, opts)
+    assert stable_digest(plan_case(tiny_family.root, "ties_all", stats)) == want["ties_all"]
+    more = [parse_guides(rec.guides), parse_guides({"lewis": {"wanda_prune": True}}), parse_guides({"aim": {}})]
+    wider = calibrate_recipe(rec, opts, options=more)
+    plan = plan_case(tiny_family.root, "ties_all", wider)
+    assert "wanda_prune" in plan.calibration["calibrated_for"]
+    assert stable_digest(plan, drop=("calibrated_for",)) == want["ties_all"]
+
+
+def test_incompatible_statistics_are_one_line_errors(tiny_family):
+    from mergeplan.errors import MergeplanError
+    from mergeplan.planner import PlanOptions, calibrate_recipe
+
+    opts = PlanOptions(device="cpu", quiet=True)
+    aim_stats = calibrate_recipe(case_recipe(tiny_family.root, "ta_aim_shared"), opts)
+    # other calibration settings (shared data vs per-model data)
+    with pytest.raises(MergeplanError, match="other calibration settings"):
+        plan_case(tiny_family.root, "ties_all", aim_stats)
+    # same settings, guides the statistics do not cover
+    text = recipe_text("ta_aim_shared").replace("{aim: {omega: 0.3}}", "{aim: {omega: 0.3}, sens: {}}")
+    (tiny_family.root / "sens.yaml").write_text(text)
+    from mergeplan.planner import build_plan
+    from mergeplan.recipe import load_recipe
+
+    with pytest.raises(MergeplanError, match="gathered for aim, but these guide options need") as e:
+        build_plan(load_recipe(tiny_family.root / "sens.yaml"), opts, stats=aim_stats)
+    assert "\n" not in str(e.value)
 
 
 if __name__ == "__main__" and "--record" in sys.argv:
