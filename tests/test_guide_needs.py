@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import mergeplan.guides.run as run_mod
+import mergeplan.calibrate.run as run_mod
 from cli_helpers import run_cli, write_recipe
 from mergeplan.errors import MergeplanError
 from mergeplan.guides import ModelInput, run_guides
