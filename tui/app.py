@@ -71,6 +71,14 @@ class ReviewApp(App[int]):
         self.saved_once = False
         self.sub_title = self._describe_file()
 
+    def get_driver_class(self):
+        driver = super().get_driver_class()
+        if driver.__name__ == "LinuxDriver" and not os.environ.get("TEXTUAL_DRIVER"):
+            from .driver import FastExitDriver  # quits without Textual's 0.1-0.2 s input-thread wait
+
+            return FastExitDriver
+        return driver
+
     # -- startup ------------------------------------------------------------------------
     def on_mount(self) -> None:
         # After the first paint, so opening the plan is not slowed by these.
@@ -95,8 +103,12 @@ class ReviewApp(App[int]):
         digest = plan_digest(loaded)
 
         def done() -> None:
-            if self.editor.loaded is loaded:  # a save in the meantime already set the new one
+            if self.editor.loaded is loaded:
                 self.file_digest = digest
+            elif not self.file_digest:
+                # An edit came first: the editor copied the plan as loaded and changed the
+                # plan this digest was read from. Hash the copy. (A save sets file_digest.)
+                self.compute_digest()
 
         self.call_from_thread(done)
 
