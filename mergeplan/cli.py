@@ -25,6 +25,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels print a flag as `--json <bool>`, which reads as
+    # if it took a value (`--json true` is refused). -h as well as --help, on every command.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 # Piped output (files, grep, CI logs) gets room for whole tensor names.
@@ -182,9 +186,10 @@ def validate(
 def diff(
     plan_a: Annotated[Path, typer.Argument(metavar="PLAN_A")],
     plan_b: Annotated[Path, typer.Argument(metavar="PLAN_B")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also list every change, tensor by tensor.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Every change as JSON on stdout.")] = False,
 ) -> None:
-    """What changed between two plans, tensor by tensor. Exit 1 when they differ."""
+    """What changed between two plans: per layer and component, then per field. Exit 1 when they differ."""
     from .plan.codec import read_plan
     from .plan.diff import diff_plans
     from .report import print_diff
@@ -195,7 +200,9 @@ def diff(
 
         sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2, default=str) + "\n")
     else:
-        print_diff(out, rows, plan_a, plan_b)
+        # The terminal's width, or COLUMNS (80 without either) when piped: the summary is
+        # laid out for it, never folded across lines.
+        print_diff(Console(highlight=False), rows, plan_a, plan_b, tensors=tensors)
     raise typer.Exit(1 if rows else 0)
 
 

@@ -14,9 +14,10 @@ from rich.text import Text
 
 from .plan.codec import plan_digest
 from .plan.identity import decision_digest, edit_summary
-from .plan.diff import DiffRow
+from .plan.diff import DiffRow, summarize
 from .plan.model import OP_MERGE, Plan
 from .plan.names import parse_name
+from .plan.view import short_component
 from .safetext import clean, markup, text
 
 
@@ -228,14 +229,59 @@ def _cell(v: Any) -> str:
     return _fmt(v)
 
 
-def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | str) -> None:
+def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | str, tensors: bool = False) -> None:
+    """A summary that fits the console's width (80 columns when piped, unless COLUMNS says
+    otherwise): plan- and model-level changes, changed values per layer x component, and
+    per field how many values changed from what to what; `tensors` adds every change,
+    grouped by tensor. Plan strings are cleaned and never read as markup."""
     if not rows:
         console.print(f"{markup(a)} and {markup(b)}: no differences", emoji=False)
         return
-    console.print(f"{markup(a)} -> {markup(b)}: {len(rows)} difference(s)", emoji=False)
-    t = Table()
-    # Tensor names stay whole (a truncated name is useless in a diff); values fold.
-    t.add_column("where", no_wrap=True)
-    for col in ("model", "field", "old", "new"):
-        t.add_column(col, overflow="fold")
-    print_table(console, t, [[r.where, r.model or "", r.field, _cell(r.old), _cell(r.new)] for r in rows])
+    s = summarize(rows)
+    console.print(f"{markup(a)} -> {markup(b)}: {len(rows)} difference(s) in {s.tensors} tensor(s)", emoji=False)
+    width = max(40, console.width)
+    say = partial(_line, console, width)
+    for r in s.global_rows:
+        say(f"{r.where}  {r.field}: {_cell(r.old)} -> {_cell(r.new)}")
+    if s.rows:
+        console.print("[bold]changed values per layer and component[/]")
+        label_w = max(len(label) for label, _ in s.rows) + 1
+        per_block = max(1, (width - label_w) // 5)
+        for i in range(0, len(s.components), per_block):
+            comps = s.components[i:i + per_block]
+            say(" " * label_w + "".join(fit(short_component(c), 4).rjust(5) for c in comps))
+            for label, counts in s.rows:
+                cells = counts[i:i + per_block]
+                say(label.ljust(label_w) + "".join((str(n) if n else "·").rjust(5) for n in cells))
+        console.print("[bold]fields[/]")
+        fw = min(18, max(len(clean(f.field)) for f in s.fields))
+        say(f"{'field':<{fw}} {'values':>6} {'tensors':>7}  old -> new")
+        for f in s.fields:
+            say(f"{fit(f.field, fw):<{fw}} {f.values:>6} {f.tensors:>7}  {f.old} -> {f.new}")
+    if not tensors:
+        if s.rows:
+            console.print("every change, tensor by tensor: mergeplan diff --tensors (or --json)", emoji=False)
+        return
+    console.print("[bold]every change[/]")
+    lines: list[str] = []
+    where = None
+    for r in rows:
+        if r.where == "plan" or r.where.startswith("model "):
+            continue
+        if r.where != where:
+            where = r.where
+            lines.append(clean(r.where))
+        lines.append(clean(f"  {r.model + '  ' if r.model else ''}{r.field}: {_cell(r.old)} -> {_cell(r.new)}"))
+    # console.out: plain text, no markup or highlighting; long lines wrap as the terminal wraps them.
+    console.out("\n".join(lines), highlight=False)
+
+
+def fit(s: Any, width: int) -> str:
+    s = clean(s)
+    return s if len(s) <= width else s[: width - 1] + "~"
+
+
+def _line(console: Console, width: int, s: str) -> None:
+    """One line of cleaned plain text, cut with '...' rather than folded across lines."""
+    s = clean(s)
+    console.out(s if len(s) <= width else s[: width - 3] + "...", highlight=False)
