@@ -16,7 +16,7 @@ from mergeplan_tui import run_review
 from mergeplan_tui.app import make_app
 from mergeplan_tui.fingerprint import make_checker
 from mergeplan_tui.screens.detail import DetailScreen
-from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen
+from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen, QuitScreen
 from mergeplan_tui.screens.diff import DiffScreen
 from mergeplan_tui.screens.edit import EditScreen
 from mergeplan_tui.screens.grid import GridScreen
@@ -177,7 +177,7 @@ def test_scale_weights_of_attention_for_one_model(tmp_path):
     async def go():
         app = make_app(str(path), model_checker=fixed_status)
         async with app.run_test(size=(120, 40)) as pilot:
-            app.open_edit(app.screen.selection_prefill())
+            app.screen.action_edit()
             await pilot.pause()
             s = app.screen
             s.query_one("#field").value = "weight"
@@ -187,13 +187,13 @@ def test_scale_weights_of_attention_for_one_model(tmp_path):
             s.query_one("#models").value = "code"
             s.query_one("#value").value = "1.25"
             await pilot.pause()
-            assert "8 values: 8 tensors x 1 model;" in str(s.query_one("#edit-preview").render())
+            assert "weight of 8 tensors (q, k, v, o) x 1 model: 1 -> 1.25" in str(s.query_one("#edit-preview").render())
             await pilot.click("#apply")
             await pilot.pause()
             ed = app.editor
             assert ed.get("model.layers.1.self_attn.o_proj.weight", "code", "weight") == 1.25
             # reset layer 1 back to the planned weights; layer 0 keeps its edit
-            app.open_edit(app.screen.selection_prefill())
+            app.screen.action_edit()
             await pilot.pause()
             s = app.screen
             for key, value in (("#field", "weight"), ("#action", "reset"), ("#layers", "1"),
@@ -251,11 +251,11 @@ def test_quit_asks_before_losing_edits(tmp_path):
             await pilot.press("e", "0", ".", "9", "enter")
             assert app.pending_count == 1
             await pilot.press("q")
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("n")
-            assert isinstance(app.screen, GridScreen) and app.is_running
+            assert isinstance(app.screen, QuitScreen)
+            await pilot.press("escape")  # Cancel: back to the review, edits kept
+            assert isinstance(app.screen, GridScreen) and app.is_running and app.pending_count == 1
             await pilot.press("q")
-            await pilot.press("y")
+            await pilot.press("d")  # Discard
             await pilot.pause()
             assert not app.is_running
         return app.return_code
@@ -308,7 +308,7 @@ def test_diff_against_loaded_and_other_plan(tmp_path):
             assert isinstance(app.screen, DiffScreen)
             table = app.screen.query_one("#diff-table")
             rows = [table.get_row_at(i) for i in range(table.row_count)]
-            assert ["L5 mlp.down_proj.weight", "code", "weight", "0.5", "1"] in [[str(x) for x in r] for r in rows]
+            assert ["L5 mlp.down_proj.weight", "code", "weight", "0.5 -> 1"] in [[str(x) for x in r] for r in rows]
             await pilot.press("t")  # vs the plan as loaded: nothing yet
             assert table.row_count == 0
             await pilot.press("g", "e", "0", ".", "4", "enter", "d")
@@ -359,7 +359,7 @@ def test_overview_shows_model_status_from_the_worker(tmp_path):
             await pilot.press("o")
             await app.workers.wait_for_complete()
             await pilot.pause()
-            text = plain(render_overview(app), width=200)
+            text = plain(render_overview(app.session), width=200)
             assert "changed: shard model-00001" in text and "missing (no directory" in text
             assert "sha256:" in text and "lewis.gamma" in text and "2026-01-02T03:04:05" in text
 

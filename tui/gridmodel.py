@@ -74,6 +74,11 @@ class GridModel:
 
     row_label = staticmethod(view.row_label)
 
+    def is_vector_component(self, comp: str) -> bool:
+        """Every tensor of this column is 1-D (a norm): left out of wider range edits."""
+        names = [n for (_, c), ns in self.cell_tensors.items() if c == comp for n in ns]
+        return bool(names) and all(view.is_vector(self.plan.tensor(n)) for n in names)
+
     # -- quantities -----------------------------------------------------------------------
     def _find_stats(self) -> dict[str, bool]:
         """Numeric per-tensor statistics the grid can show: name -> per model?"""
@@ -100,6 +105,32 @@ class GridModel:
             out += [Quantity("omega", "AIM omega", False, "omega"), Quantity("aim", "mean AIM factor", False, None)]
         out += [Quantity(f"stat:{k}", k, per_model, None) for k, per_model in sorted(self._stat_kinds.items())]
         return out
+
+    def initial_quantity(self) -> int:
+        """Index of the quantity to open on: the first guide decision whose values differ
+        across tensors (an AIM plan with a fixed density opens on the AIM factors), else
+        the first guide decision, else density."""
+        qs = self.quantities()
+        keys = [q.key for q in qs]
+        guided = [k for k in view.guided_quantities(self.plan) if k in keys]
+        for k in guided:
+            if self._varies(qs[keys.index(k)]):
+                return keys.index(k)
+        return keys.index(guided[0]) if guided else 0
+
+    def _varies(self, q: Quantity) -> bool:
+        first = None
+        for comp, m in self.columns(q):
+            for row in self.rows:
+                name = self.tensor_at(row, comp)
+                v = None if name is None else self.value(name, q, m)
+                if v is None or not self.on_scale(name, q, m):
+                    continue
+                if first is None:
+                    first = v
+                elif v != first:
+                    return True
+        return False
 
     def value(self, tensor: str, q: Quantity, model: str | None) -> float | None:
         """The value a cell shows; None where the quantity does not apply."""

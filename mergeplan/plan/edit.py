@@ -153,10 +153,15 @@ class PlanEditor:
         pattern: str | None = None,
         models: Iterable[str] | None = None,
         field: str = "density",
+        vectors: bool = True,
     ) -> list[Target]:
         """Targets for a field: tensors filtered by layer set, component labels and a
-        substring/glob pattern of the name (e.g. "mlp."), crossed with models."""
+        substring/glob pattern of the name (e.g. "mlp."), crossed with models. `vectors`
+        False leaves out 1-D tensors (norm weights, biases), which a range edit meant for
+        the matrices must not touch."""
         import fnmatch
+
+        from .view import is_vector
 
         layer_set = set(layers) if layers is not None else None
         comp_set = set(components) if components is not None else None
@@ -169,6 +174,8 @@ class PlanEditor:
             if comp_set is not None and pn.component not in comp_set:
                 continue
             if pattern and not (pattern in t.name or fnmatch.fnmatch(t.name, pattern)):
+                continue
+            if not vectors and is_vector(t):
                 continue
             if field in MODEL_FIELDS:
                 out += [(t.name, m) for m in model_ids if t.contribution(m) is not None]

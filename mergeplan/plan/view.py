@@ -84,6 +84,18 @@ def editable_fields(plan: Plan) -> list[str]:
     return fields
 
 
+def guided_quantities(plan: Plan) -> list[str]:
+    """What the plan's guides decided, most telling first: "density" (LEWIS, CABS...),
+    "weight" (Sens), "aim" (AIM relaxation factors); from who set each value."""
+    out = []
+    for field in ("density", "weight"):
+        if any(c.source.get(field) not in (None, "recipe", "edit") for _, c in plan.iter_contributions()):
+            out.append(field)
+    if any(t.relax for t in plan.tensors):
+        out.append("aim")
+    return out
+
+
 # -- AIM ---------------------------------------------------------------------------------
 def aim_factors(relax: dict[str, Any] | None) -> np.ndarray | None:
     """AIM factors f = 1 - scores * (1 - omega), in float32 as apply computes them; None
