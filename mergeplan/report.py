@@ -17,6 +17,7 @@ from .plan.identity import decision_digest, edit_summary
 from .plan.diff import DiffRow, summarize
 from .plan.model import OP_MERGE, Plan
 from .plan.names import parse_name
+from .plan import view
 from .plan.view import short_component
 from .safetext import clean, markup, text
 
@@ -36,38 +37,48 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _aim_mean(relax: dict) -> float:
-    """Mean AIM factor f = 1 - scores * (1 - omega) (whole.aim_factors' float32 arithmetic)
-    in numpy, so that `show` never imports torch."""
-    with np.errstate(all="ignore"):  # a hostile omega may overflow float32: shown as inf, not warned
-        scores = np.asarray(relax["scores"], dtype=np.float32)
-        return float((np.float32(1.0) - scores * np.float32(1.0 - float(relax["omega"]))).mean(dtype=np.float32))
-
-
 def layer_summary(plan: Plan) -> list[dict[str, Any]]:
     """Per layer ("-" for tensors outside decoder blocks): mean density, weight, kept fraction
-    per model over merged tensors, plus mean lambda, AIM factor and mask overlap."""
+    per model over merged tensors, plus mean lambda, AIM factor and mask overlap.
+
+    A kept fraction or overlap that an edit made stale (the planner measured a mask apply
+    will now rebuild) is known only at apply: the layer's value is None and its key is
+    listed in "at_apply", rather than an average that mixes in the old measurement."""
     acc: dict[Any, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    pending: dict[Any, set[str]] = defaultdict(set)
     for t in plan.tensors:
         if t.op != OP_MERGE:
             continue
         layer = parse_name(t.name).layer
         key = layer if layer is not None else "-"
         a = acc[key]
+        recorded = t.stats.get("kept", {})
         for c in t.contributions:
             a[f"density:{c.model}"].append(c.density)
             a[f"weight:{c.model}"].append(c.weight)
-            kept = t.stats.get("kept", {})
-            if c.model in kept:
-                a[f"kept:{c.model}"].append(kept[c.model])
+            if c.model in recorded:
+                k = view.kept(t, c)
+                if k.pending:
+                    pending[key].add(f"kept:{c.model}")
+                else:
+                    a[f"kept:{c.model}"].append(k.value)
         a["lambda"].append(float(t.params.get("lambda", 1.0)))
-        if t.relax:
-            a["aim_factor"].append(_aim_mean(t.relax))
-        if "overlap" in t.stats:
-            a["overlap"].append(t.stats["overlap"])
+        mean = view.aim_mean(t.relax)
+        if mean is not None:
+            a["aim_factor"].append(mean)
+        ov = view.overlap(t)
+        if ov is not None:
+            if ov.pending:
+                pending[key].add("overlap")
+            else:
+                a["overlap"].append(ov.value)
     rows = []
     for key in sorted(acc, key=lambda k: (k == "-", k if k != "-" else 0)):
-        rows.append({"layer": key, **{k: float(np.mean(v)) for k, v in acc[key].items()}})
+        row = {"layer": key, **{k: float(np.mean(v)) for k, v in acc[key].items()}}
+        if pending[key]:
+            row.update({k: None for k in pending[key]})
+            row["at_apply"] = sorted(pending[key])
+        rows.append(row)
     return rows
 
 
@@ -96,13 +107,16 @@ def plan_json(plan: Plan) -> dict[str, Any]:
              "models": {c.model: {"weight": c.weight, "density": c.density,
                                   "mask": _jsonable({k: v for k, v in (c.mask or {}).items()}),
                                   "source": c.source} for c in t.contributions},
-             "relax": _jsonable(t.relax), "stats": _jsonable(t.stats)}
+             # Mask statistics an edit made stale are null (known at apply), never the old value.
+             "relax": _jsonable(t.relax), "stats": _jsonable(view.tensor_stats(t))}
             for t in plan.tensors
         ],
     }
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return view.AT_APPLY
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -156,6 +170,9 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
         for c in extra:
             t.add_column({"aim_factor": "AIM factor", "overlap": "mask overlap"}.get(c, c), justify="right")
         print_table(console, t, [[str(r["layer"]), *[_fmt(r.get(c, "")) for c in extra]] for r in rows])
+    if any(r.get("at_apply") for r in rows):
+        say("at apply: an edit changed these masks since the planner measured them; apply rebuilds them "
+            "from their recipe, so their kept fraction and overlap are known only then")
     if plan.edit_log:
         say(f"edit log: {len(plan.edit_log)} save(s), last {markup(plan.edit_log[-1].get('time'))} "
             f"({len(plan.edit_log[-1].get('changes', []))} change(s))")
