@@ -401,3 +401,134 @@ def test_corrupt_and_newer_plans_raise_plan_format_error(tmp_path):
     good = write(tmp_path)
     with pytest.raises(PlanFormatError, match="not found"):
         make_app(str(good), compare=str(tmp_path / "absent.plan"))
+
+
+def _with_post_norms(layers: int = 6):
+    """review_plan plus the post-attention norm between o and gate, as in Llama."""
+    from mergeplan.plan import Contribution, TensorPlan
+
+    plan = review_plan(layers)
+    for layer in range(layers):
+        i = plan.tensors.index(plan.tensor(f"model.layers.{layer}.mlp.gate_proj.weight"))
+        plan.tensors.insert(i, TensorPlan(f"model.layers.{layer}.post_attention_layernorm.weight", (64,), "bfloat16",
+                                          params={"lambda": 1.0},
+                                          contributions=[Contribution(m, 1.0) for m in ("math", "code")]))
+    return plan
+
+
+def test_box_edit_over_the_projections_leaves_the_norm_between_them(tmp_path):
+    path = write(tmp_path, _with_post_norms())
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            assert grid.at(*grid.cursor) == (0, "q", "math")
+            await pilot.press("space", "down", *["right"] * 7)  # L0 q .. L1 down, across "post"
+            assert grid.at(*grid.cursor) == (1, "down", "math")
+            await pilot.press("e")
+            s = app.screen
+            preview = str(s.query_one("#edit-preview").render())
+            assert "density of 14 tensors (q, k, v, o, gate, up, down) x 1 model" in preview
+            assert not s.query_one("#vectors").value
+            await pilot.press("0", ".", "5", "enter")
+            await pilot.pause()
+            return app.editor
+
+    ed = run(go())
+    for layer in (0, 1):
+        norm = ed.plan.tensor(f"model.layers.{layer}.post_attention_layernorm.weight").contribution("math")
+        assert norm.mask is None and norm.density == 1.0  # untouched: dense, as planned
+        assert ed.get(f"model.layers.{layer}.mlp.down_proj.weight", "math", "density") == 0.5
+    assert len(ed.pending()) == 14
+
+
+def test_norm_columns_alone_are_an_explicit_choice(tmp_path):
+    path = write(tmp_path, _with_post_norms())
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            grid.move_cursor(grid.gm.rows.index(2), grid.col_keys.index(("post_norm", "code")))
+            await pilot.press("e")
+            s = app.screen
+            assert s.query_one("#vectors").value and s.query_one("#components").value == "post_norm"
+            s.query_one("#field").value = "weight"
+            await pilot.press("0", ".", "9", "enter")
+            await pilot.pause()
+            return app.editor
+
+    ed = run(go())
+    assert ed.get("model.layers.2.post_attention_layernorm.weight", "code", "weight") == 0.9
+
+
+def test_edit_errors_name_the_field_being_edited(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e")
+            s = app.screen
+            s.query_one("#action").value = "scale"
+            s.query_one("#value").value = "abc"
+            await pilot.pause()
+            error = str(s.query_one("#edit-error").render())
+            assert error.startswith("density: the scale factor must be a finite number") and "weight" not in error
+            s.query_one("#field").value = "weight"
+            s.query_one("#action").value = "set"
+            await pilot.pause()
+            assert str(s.query_one("#edit-error").render()).startswith("weight must be a number")
+
+    run(go())
+
+
+def test_quit_with_edits_can_save_first(tmp_path):
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e", "0", ".", "9", "enter", "q")
+            assert isinstance(app.screen, QuitScreen)
+            await pilot.press("s")  # Save, then quit
+            await pilot.pause()
+            assert not app.is_running
+
+    run(go())
+    assert read_plan(path).tensor("model.layers.0.self_attn.q_proj.weight").contribution("math").density == 0.9
+
+
+def test_footer_keeps_save_help_quit_at_60x20(tmp_path):
+    from mergeplan_tui.screens.overview import OverviewScreen
+    from test_tui_hostile import screen_text
+
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(60, 20)) as pilot:
+            for keys, screen in (((), GridScreen), (("enter",), DetailScreen), (("escape", "o"), OverviewScreen),
+                                 (("d",), DiffScreen)):
+                await pilot.press(*keys)
+                await pilot.pause()
+                assert isinstance(app.screen, screen)
+                footer = screen_text(app).splitlines()[-1]
+                assert footer.startswith("s Save ? Help q Quit"), (screen, footer)
+
+    run(go())
+
+
+def test_find_tensor_and_goto_layer(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            await pilot.press("slash", *"layers.4.mlp.up", "enter")
+            assert grid.at(*grid.cursor) == (4, "up", "math")
+            await pilot.press("g", "2", "enter")
+            assert grid.at(*grid.cursor) == (2, "up", "math")
+            await pilot.press("g", "h", "e", "a", "d", "enter")
+            assert grid.at(*grid.cursor)[0] == "head"
+            await pilot.press("slash", *"nothing-like-this", "enter")
+            await pilot.pause()
+            assert grid.at(*grid.cursor)[0] == "head" and isinstance(app.screen, GridScreen)
+
+    run(go())

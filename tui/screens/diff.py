@@ -114,6 +114,8 @@ def _short_name(where: str) -> str:
 
 
 def _cell(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
         return v[:8]  # a mask digest: the prefix tells them apart
     text = summarize(v)

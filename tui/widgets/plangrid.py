@@ -299,6 +299,5 @@ class PlanGrid(ScrollView, can_focus=True):
             segs = [Segment(set_cell_size(texts[c], CELL_WIDTH), cursor_style if c == cursor_col else header)
                     for c in range(c0, c1)]
             body = Strip(segs).crop(off, off + body_w)
-        # The corner names the rows: layers.
-        label = Segment(("" if y == 0 else "layer").ljust(LABEL_WIDTH)[:LABEL_WIDTH], header)
+        label = Segment(" " * LABEL_WIDTH, header)
         return Strip([label, *body], LABEL_WIDTH + body.cell_length).adjust_cell_length(width, header)
