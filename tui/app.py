@@ -23,7 +23,7 @@ from mergeplan.plan.view import editable_fields
 from .fingerprint import ModelChecker, make_checker
 from .gridmodel import GridModel
 from .keys import COMMON
-from .messages import EditRequested, OpenTensor, PlanChanged, StatusChanged
+from .messages import DigestWanted, EditRequested, OpenTensor, PlanChanged, StatusChanged
 from .richtext import clean
 from .session import Session
 
@@ -40,7 +40,7 @@ def _grid(session: Session) -> Screen:
 def _overview(session: Session) -> Screen:
     from .screens.overview import OverviewScreen
 
-    return OverviewScreen(session)
+    return OverviewScreen(session)  # asks for the file digest (DigestWanted) when it opens
 
 
 def _diff(session: Session) -> Screen:
@@ -113,9 +113,13 @@ class ReviewApp(App[int]):
 
     # -- startup ------------------------------------------------------------------------
     def on_mount(self) -> None:
-        # After the first paint, so opening the plan is not slowed by these.
+        # After the first paint, so opening the plan is not slowed by it. The file digest
+        # (re-encoding 30 MB for a 70B plan) is computed when the overview first asks.
         self.call_after_refresh(self.check_models)
-        self.call_after_refresh(self.compute_digest)
+
+    def on_digest_wanted(self, message: DigestWanted) -> None:
+        if not self.session.file_digest and not any(w.group == "digest" for w in self.workers):
+            self.compute_digest()
 
     @work(thread=True, exclusive=True, group="models")
     def check_models(self) -> None:

@@ -19,11 +19,25 @@ class OpenTensor(Message):
     tensor: str
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """The edit dialog's fields as a screen fills them from a selection."""
+
+    field: str = "density"
+    action: str = "set"
+    layers: str = ""
+    components: str = ""
+    pattern: str = ""
+    models: str = ""
+    value: str = ""
+    vectors: bool = False  # include 1-D tensors (norm weights, biases)
+
+
 @dataclass
 class EditRequested(Message):
-    """Open the edit dialog prefilled with this selection (a screens.edit.Prefill)."""
+    """Open the edit dialog prefilled with this selection."""
 
-    prefill: object
+    prefill: Prefill
 
 
 class PlanChanged(Message):
@@ -32,3 +46,7 @@ class PlanChanged(Message):
 
 class StatusChanged(Message):
     """A background check finished: model status on this machine, or the file digest."""
+
+
+class DigestWanted(Message):
+    """A screen shows the plan file's digest: compute it if nobody has yet."""

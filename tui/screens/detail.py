@@ -17,11 +17,10 @@ from mergeplan.plan.model import OP_MERGE
 from mergeplan.plan.names import parse_name
 
 from ..keys import COMMON
-from ..messages import EditRequested, PlanChanged
+from ..messages import EditRequested, PlanChanged, Prefill
 from ..richtext import add_row, clean, section, text
 from ..session import Session
 from ..tensorinfo import aim_summary, flatten_stats, fmt_num, layer_stats, per_model_stats, summarize
-from .edit import Prefill
 
 
 class DetailScreen(Screen):

@@ -22,6 +22,7 @@ from mergeplan.plan.edit import MODEL_FIELDS, PlanEditor, Target, validate_value
 from mergeplan.plan.names import parse_name
 
 from ..gridmodel import GridModel
+from ..messages import Prefill
 from ..richtext import clean, content
 from ..selection import parse_selection
 
@@ -50,18 +51,6 @@ class EditRequest:
     targets: list[Target]
     value: float | None
     summary: str
-
-
-@dataclass(frozen=True)
-class Prefill:
-    field: str = "density"
-    action: str = "set"
-    layers: str = ""
-    components: str = ""
-    pattern: str = ""
-    models: str = ""
-    value: str = ""
-    vectors: bool = False  # include 1-D tensors (norm weights, biases)
 
 
 def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers: str, components: str,

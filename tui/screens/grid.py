@@ -16,15 +16,13 @@ from mergeplan.plan import view
 
 from ..gridmodel import ROW_EMBED, ROW_HEAD, PALETTE, Quantity
 from ..keys import COMMON
-from ..messages import EditRequested, OpenTensor, PlanChanged
+from ..messages import EditRequested, OpenTensor, PlanChanged, Prefill
 from ..richtext import clean, tell
 from ..selection import GROUPS, format_layers
 from ..session import Session
 from ..widgets.layerbars import LayerBars
 from ..widgets.plangrid import PlanGrid
 from ..widgets.statusline import StatusLine
-from .dialogs import PathScreen
-from .edit import Prefill
 
 
 class GridScreen(Screen):
@@ -243,6 +241,8 @@ class GridScreen(Screen):
 
     # -- jumps ----------------------------------------------------------------------------
     def action_find(self) -> None:
+        from .dialogs import PathScreen
+
         self.app.push_screen(PathScreen("Jump to tensor", "", "name, part of it or a glob; Enter jumps, Esc cancels",
                                         empty="type part of a tensor name"), self.find)
 
@@ -268,6 +268,8 @@ class GridScreen(Screen):
             self.post_message(OpenTensor(name))  # a bias behind its weight's cell: show it
 
     def action_goto_layer(self) -> None:
+        from .dialogs import PathScreen
+
         last = self.gm.layers[-1] if self.gm.layers else 0
         self.app.push_screen(PathScreen("Jump to layer", "", f"0-{last}, emb or head; Enter jumps, Esc cancels",
                                         empty="type a layer number"), self.goto_layer)

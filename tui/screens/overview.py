@@ -13,7 +13,7 @@ from textual.widgets import Footer, Header, Static
 from mergeplan.plan.model import OP_MERGE
 
 from ..keys import COMMON
-from ..messages import PlanChanged, StatusChanged
+from ..messages import DigestWanted, PlanChanged, StatusChanged
 from ..richtext import add_row, section, text
 from ..session import Session
 from ..tensorinfo import flatten_stats, summarize
@@ -35,6 +35,8 @@ class OverviewScreen(Screen):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
+        if not self.session.file_digest:
+            self.post_message(DigestWanted())
         self._render_body()
         self.query_one("#overview-scroll").focus()
 
