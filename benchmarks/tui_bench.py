@@ -151,6 +151,12 @@ class Term:
         self.until(pattern)
         return time.perf_counter() - t
 
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the command has used so far: a figure that a busy
+        machine does not inflate the way it inflates wall time."""
+        fields = Path(f"/proc/{self.child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def exit_time(self) -> float:
         t = time.perf_counter()
         self.child.expect(pexpect.EOF)
@@ -173,10 +179,13 @@ def run_once(plan: Path, size: tuple[int, int], keys: int, cwd: Path) -> dict[st
     # A grid row: its label ("L5" padded to the label width) right before a cell.
     r.until(rb"L5 {2,}")
     out["review: start to grid painted"] = time.perf_counter() - r.t0
+    out["review: CPU used until the grid is painted"] = r.cpu()
     # The status line names the cursor cell as "L<layer> <component> [<model>]".
     r.until(rb"L0 q \[")
     out["review: start to status line"] = time.perf_counter() - r.t0
+    c = r.cpu()
     out["cursor down, per key"] = [r.key(DOWN, rb"L%d q \[" % (i + 1)) for i in range(keys)]
+    out["cursor down, CPU per key (mean)"] = (r.cpu() - c) / keys
     # Columns: every component for the first model, then the next model's: 16 steps right
     # from "q [math]" scroll the grid sideways at 80 columns and land on "post_norm [code]".
     comps = ["embed", "input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "norm", "lm_head"]
@@ -225,7 +234,10 @@ def main() -> None:
     base = statistics.median(r["--version (baseline: interpreter + CLI)"] for r in runs)
     for k in runs[0]:
         vals = [r[k] for r in runs]
-        if isinstance(vals[0], list):
+        if "CPU" in k:
+            print(f"{k:44s} {statistics.median(vals) * (1e3 if 'key' in k else 1):7.3f} "
+                  f"{'ms' if 'key' in k else 's '}  (runs {', '.join(f'{v:.3f}' for v in vals)})")
+        elif isinstance(vals[0], list):
             flat = [x for v in vals for x in v]
             med, worst = statistics.median(flat), max(flat)
             print(f"{k:44s} {med * 1e3:7.1f} ms median, {worst * 1e3:6.1f} ms max over {len(flat)} keys")
