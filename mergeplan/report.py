@@ -257,11 +257,22 @@ def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | s
     s = summarize(rows)
     console.print(f"{markup(a)} -> {markup(b)}: {len(rows)} difference(s) in {s.tensors} tensor(s)", emoji=False)
     width = max(40, console.width)
-    say = partial(_line, console, width)
+    out: list[str] = []  # plain lines, written in one go (a crafted plan may make tens of thousands)
+
+    def say(line: str) -> None:
+        line = clean(line)
+        out.append(line if len(line) <= width else line[: width - 3] + "...")
+
+    def heading(title: str) -> None:
+        if out:
+            console.out("\n".join(out), highlight=False)
+            out.clear()
+        console.print(f"[bold]{title}[/]")
+
     for r in s.global_rows:
         say(f"{r.where}  {r.field}: {_cell(r.old)} -> {_cell(r.new)}")
     if s.rows:
-        console.print("[bold]changed values per layer and component[/]")
+        heading("changed values per layer and component")
         label_w = max(len(label) for label, _ in s.rows) + 1
         per_block = max(1, (width - label_w) // 5)
         for i in range(0, len(s.components), per_block):
@@ -270,11 +281,13 @@ def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | s
             for label, counts in s.rows:
                 cells = counts[i:i + per_block]
                 say(label.ljust(label_w) + "".join((str(n) if n else "·").rjust(5) for n in cells))
-        console.print("[bold]fields[/]")
+        heading("fields")
         fw = min(18, max(len(clean(f.field)) for f in s.fields))
         say(f"{'field':<{fw}} {'values':>6} {'tensors':>7}  old -> new")
         for f in s.fields:
             say(f"{fit(f.field, fw):<{fw}} {f.values:>6} {f.tensors:>7}  {f.old} -> {f.new}")
+    if out:
+        console.out("\n".join(out), highlight=False)
     if not tensors:
         if s.rows:
             console.print("every change, tensor by tensor: mergeplan diff --tensors (or --json)", emoji=False)
@@ -296,9 +309,3 @@ def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | s
 def fit(s: Any, width: int) -> str:
     s = clean(s)
     return s if len(s) <= width else s[: width - 1] + "~"
-
-
-def _line(console: Console, width: int, s: str) -> None:
-    """One line of cleaned plain text, cut with '...' rather than folded across lines."""
-    s = clean(s)
-    console.out(s if len(s) <= width else s[: width - 3] + "...", highlight=False)
