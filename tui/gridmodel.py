@@ -178,16 +178,18 @@ class GridModel:
                 out[(row, comp, m)] = None if name is None else self.value(name, q, m)
         return out
 
-    def series(self, q: Quantity, model: str | None) -> list[float]:
+    def series(self, q: Quantity, model: str | None, values: dict | None = None) -> list[float]:
         """Per decoder layer, the mean over components of the quantity (nan where none);
-        values off the colour scale (dense densities) do not count."""
+        values off the colour scale (dense densities) do not count. `values`: what
+        values(q) already returned, to read instead of the plan."""
         out = []
         for layer in self.layers:
             vals = []
             for comp in self.components:
                 name = self.tensor_at(layer, comp)
                 if name is not None:
-                    v = self.value(name, q, model)
+                    key = (layer, comp, model if q.per_model else None)
+                    v = values[key] if values is not None and key in values else self.value(name, q, model)
                     if v is not None and math.isfinite(v) and self.on_scale(name, q, model):
                         vals.append(v)
             out.append(sum(vals) / len(vals) if vals else math.nan)

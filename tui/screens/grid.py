@@ -87,7 +87,7 @@ class GridScreen(Screen):
         self._update_selection()
         gm = self.gm
         series_models = (self._models() or gm.models) if q.per_model else [None]
-        series = [(m or "tensors", gm.series(q, m), gm.layers) for m in series_models]
+        series = [(m or "tensors", gm.series(q, m, grid.values), gm.layers) for m in series_models]
         await self.query_one(LayerBars).update_series(series)
         self.query_one("#grid-bar", Static).update(self._legend(q, grid.value_range))
         self._update_cell_info()

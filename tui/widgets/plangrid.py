@@ -80,6 +80,7 @@ class PlanGrid(ScrollView, can_focus=True):
         self.quantity: Quantity | None = None
         self.col_keys: list[ColumnKey] = []
         self.value_range: tuple[float, float] = (0.0, 1.0)
+        self.values: dict = {}  # (row, component, model) -> the value shown
         self.cursor: tuple[int, int] = (0, 0)
         self._selected: set[tuple[int, int]] = set()
         # Per row, per column: (text, style without cursor/selection decoration).
@@ -93,7 +94,7 @@ class PlanGrid(ScrollView, can_focus=True):
         old_cols, (row, col) = self.col_keys, self.cursor
         self.quantity = q
         self.col_keys = self.gm.columns(q, models)
-        values = self.gm.values(q, models)
+        self.values = values = self.gm.values(q, models)
         self._off_scale = {key for key, v in values.items() if v is not None and
                            not self.gm.on_scale(self.gm.tensor_at(key[0], key[1]), q, key[2])}
         self.value_range = value_range(v for key, v in values.items() if key not in self._off_scale)
@@ -126,7 +127,8 @@ class PlanGrid(ScrollView, can_focus=True):
         name = self.gm.tensor_at(row, comp)
         field = q.field or ("omega" if q.key == "aim" else None)
         edited = False
-        if name is not None and field is not None and v is not None:
+        # Nothing differs from the plan as loaded until the editor copied it (first edit).
+        if name is not None and field is not None and v is not None and self.editor.loaded is not self.editor.plan:
             m = model if q.per_model else None
             edited = self.editor.get(name, m, field) != self.editor.planned(name, m, field)
         colours = None if (row, comp, model) in self._off_scale else heat(v, *self.value_range)
