@@ -145,16 +145,16 @@ def show(
     tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor.")] = False,
 ) -> None:
     """Models, method, per-layer densities and coefficients, mask statistics, guide statistics."""
-    from .plan.codec import read_plan
+    from .plan.codec import read_plan_with_digest
     from .report import plan_json, print_plan
 
-    p = read_plan(plan_file)
+    p, digest = read_plan_with_digest(plan_file)  # the digest checked while reading: not hashed twice
     if as_json:
         import json
 
-        sys.stdout.write(json.dumps(plan_json(p), indent=2, sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(plan_json(p, digest), indent=2, sort_keys=True) + "\n")
     else:
-        print_plan(out, p, plan_file, tensors=tensors)
+        print_plan(out, p, plan_file, tensors=tensors, digest=digest)
 
 
 @app.command()

@@ -82,9 +82,10 @@ def layer_summary(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def plan_json(plan: Plan) -> dict[str, Any]:
+def plan_json(plan: Plan, digest: str | None = None) -> dict[str, Any]:
+    """`digest`: the plan file's, as read_plan_with_digest checked it (else computed)."""
     return {
-        "digest": plan_digest(plan),
+        "digest": digest or plan_digest(plan),
         "decision_digest": decision_digest(plan),
         "edits": edit_summary(plan),
         "mergeplan_version": plan.mergeplan_version,
@@ -122,10 +123,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = False) -> None:
+def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = False, digest: str | None = None) -> None:
+    """`digest`: the plan file's, as read_plan_with_digest checked it (else computed)."""
     # Every plan string is escaped (markup) or wrapped (text): the plan may be hostile.
     say = partial(console.print, emoji=False)
-    say(f"[bold]{markup(path)}[/]  file {plan_digest(plan)}")
+    say(f"[bold]{markup(path)}[/]  file {digest or plan_digest(plan)}")
     ed = edit_summary(plan)
     edited = f"edited by hand: {ed['changes']} change(s) in {ed['sessions']} session(s)" if ed["edited"] else "not edited"
     say(f"decision digest {decision_digest(plan)}  ({edited})")

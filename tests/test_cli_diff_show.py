@@ -112,3 +112,13 @@ def test_review_model_check_reads_headers_without_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     status, heavy = r.stdout.split("\n")[:2]
     assert status == "found" and heavy == "", r.stdout
+
+
+def test_show_prints_the_digest_read_with_the_plan(tmp_path, capsys):
+    from mergeplan.plan.codec import plan_digest, read_plan_with_digest
+
+    a, _ = _edited_pair(tmp_path)
+    plan, digest = read_plan_with_digest(a)
+    assert digest == plan_digest(plan)  # checked while decoding: no need to re-encode
+    code, out, _ = run_cli(capsys, "show", a, "--json")
+    assert json.loads(out)["digest"] == digest

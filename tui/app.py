@@ -16,14 +16,14 @@ from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 
 from mergeplan.errors import MergeplanError
-from mergeplan.plan.codec import plan_digest, read_plan
+from mergeplan.plan.codec import read_plan, read_plan_with_digest
 from mergeplan.plan.edit import PlanEditor
 from mergeplan.plan.view import editable_fields
 
 from .fingerprint import ModelChecker, make_checker
 from .gridmodel import GridModel
 from .keys import COMMON
-from .messages import DigestWanted, EditRequested, OpenTensor, PlanChanged, StatusChanged
+from .messages import EditRequested, OpenTensor, PlanChanged, StatusChanged
 from .richtext import clean
 from .session import Session
 
@@ -40,7 +40,7 @@ def _grid(session: Session) -> Screen:
 def _overview(session: Session) -> Screen:
     from .screens.overview import OverviewScreen
 
-    return OverviewScreen(session)  # asks for the file digest (DigestWanted) when it opens
+    return OverviewScreen(session)
 
 
 def _diff(session: Session) -> Screen:
@@ -68,9 +68,10 @@ class ReviewApp(App[int]):
     ]
 
     def __init__(self, editor: PlanEditor, compare_plan=None, compare_path: str | None = None,
-                 model_checker: ModelChecker | None = None):
+                 model_checker: ModelChecker | None = None, file_digest: str = ""):
         super().__init__()
-        self.session = Session(editor, GridModel(editor.plan), compare_plan, compare_path or "")
+        self.session = Session(editor, GridModel(editor.plan), compare_plan, compare_path or "",
+                               file_digest=file_digest)
         self.model_checker = model_checker or make_checker(editor.plan, editor.path)
         self._screens: list[Screen] = []  # every screen made here: they hear PlanChanged / StatusChanged
         for mode, factory in (("grid", _grid), ("overview", _overview), ("diff", _diff)):
@@ -113,13 +114,8 @@ class ReviewApp(App[int]):
 
     # -- startup ------------------------------------------------------------------------
     def on_mount(self) -> None:
-        # After the first paint, so opening the plan is not slowed by it. The file digest
-        # (re-encoding 30 MB for a 70B plan) is computed when the overview first asks.
+        # After the first paint, so opening the plan is not slowed by it.
         self.call_after_refresh(self.check_models)
-
-    def on_digest_wanted(self, message: DigestWanted) -> None:
-        if not self.session.file_digest and not any(w.group == "digest" for w in self.workers):
-            self.compute_digest()
 
     @work(thread=True, exclusive=True, group="models")
     def check_models(self) -> None:
@@ -133,22 +129,6 @@ class ReviewApp(App[int]):
     def _set_status(self, model_id: str, status: str) -> None:
         self.session.model_status = {**self.session.model_status, model_id: status}
         self._broadcast(StatusChanged)
-
-    @work(thread=True, exclusive=True, group="digest")
-    def compute_digest(self) -> None:
-        loaded = self.editor.loaded
-        digest = plan_digest(loaded)
-
-        def done() -> None:
-            if self.editor.loaded is loaded:
-                self.session.file_digest = digest
-                self._broadcast(StatusChanged)
-            elif not self.session.file_digest:
-                # An edit came first: the editor copied the plan as loaded and changed the
-                # plan this digest was read from. Hash the copy. (A save sets the digest.)
-                self.compute_digest()
-
-        self.call_from_thread(done)
 
     # -- state shared by the screens --------------------------------------------------------
     def _describe_file(self) -> str:
@@ -298,6 +278,6 @@ def make_app(plan_path: str, compare: str | None = None, *, model_checker: Model
     is shown. `model_checker` replaces the on-disk model fingerprint check (tests use it to
     make the overview deterministic).
     """
-    plan = read_plan(plan_path)
+    plan, digest = read_plan_with_digest(plan_path)  # checked against the body: no second hashing
     other = read_plan(compare) if compare else None
-    return ReviewApp(PlanEditor(plan, path=str(plan_path)), other, compare, model_checker)
+    return ReviewApp(PlanEditor(plan, path=str(plan_path)), other, compare, model_checker, digest)

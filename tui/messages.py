@@ -46,7 +46,3 @@ class PlanChanged(Message):
 
 class StatusChanged(Message):
     """A background check finished: model status on this machine, or the file digest."""
-
-
-class DigestWanted(Message):
-    """A screen shows the plan file's digest: compute it if nobody has yet."""

@@ -21,7 +21,7 @@ class Session:
     compare_path: str = ""
     # model id -> "found" | "changed: ..." | "missing: ..." | "not checked (...)"
     model_status: dict[str, str] = field(default_factory=dict)
-    file_digest: str = ""  # of the plan file as loaded or last saved; "" while being computed
+    file_digest: str = ""  # of the plan file as loaded or last saved
     saved_once: bool = False
     pending_count: int = 0  # values that differ from the plan as loaded or last saved
 

@@ -13,7 +13,7 @@ from textual.widgets import Footer, Header, Static
 from mergeplan.plan.model import OP_MERGE
 
 from ..keys import COMMON
-from ..messages import DigestWanted, PlanChanged, StatusChanged
+from ..messages import PlanChanged, StatusChanged
 from ..richtext import add_row, section, text
 from ..session import Session
 from ..tensorinfo import flatten_stats, summarize
@@ -35,8 +35,6 @@ class OverviewScreen(Screen):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        if not self.session.file_digest:
-            self.post_message(DigestWanted())
         self._render_body()
         self.query_one("#overview-scroll").focus()
 
@@ -75,7 +73,7 @@ def render_overview(session: Session) -> Group:
         ("out dtype", plan.out_dtype or "as inputs"),
         ("tensors", f"{len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied) · "
                     f"{len(layers)} layers"),
-        ("digest", session.file_digest or "computing..."),
+        ("digest", session.file_digest or "(not saved yet)"),
         ("created", f"{plan.created or '?'} by mergeplan {plan.mergeplan_version or '?'}"),
     ]
     if plan.recipe.get("path"):
