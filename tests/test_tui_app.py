@@ -532,3 +532,20 @@ def test_find_tensor_and_goto_layer(tmp_path):
             assert grid.at(*grid.cursor)[0] == "head" and isinstance(app.screen, GridScreen)
 
     run(go())
+
+
+def test_toasts_leave_the_status_line_and_footer_visible(tmp_path):
+    from test_tui_hostile import screen_text
+
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            await pilot.press("e", "0", ".", "2", "enter")
+            await asyncio.sleep(0.3)
+            await pilot.pause()
+            lines = screen_text(app).splitlines()
+            assert any("density set: 1 values changed" in line for line in lines[:-2])  # the toast is up
+            assert lines[-2].strip() == "L0 q [math] density 0.2 (planned 0.6)"
+            assert lines[-1].startswith("s Save ? Help q Quit")
+
+    run(go())
