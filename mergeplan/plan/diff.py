@@ -152,7 +152,7 @@ def _span(vals: list[Any]) -> str:
         lo, hi = min(nums), max(nums)
         return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
     shown = list(dict.fromkeys(_text(v) for v in vals))
-    text = shown[0] if len(shown) == 1 else f"{shown[0]}, ... ({len(shown)} kinds)"
+    text = shown[0] if len(shown) == 1 else f"{len(shown)} different"
     return text if len(text) <= 24 else text[:21] + "..."
 
 
