@@ -107,8 +107,10 @@ class ReviewApp(App[int]):
     def get_driver_class(self):
         driver = super().get_driver_class()
         if driver.__name__ == "LinuxDriver" and not os.environ.get("TEXTUAL_DRIVER"):
-            from .driver import FastExitDriver  # quits without Textual's 0.1-0.2 s input-thread wait
-
+            try:  # quits without Textual's 0.1-0.2 s input-thread wait
+                from .driver import FastExitDriver
+            except ImportError:  # a Textual whose internals moved: its own driver, a slower quit
+                return driver
             return FastExitDriver
         return driver
 
