@@ -549,3 +549,24 @@ def test_toasts_leave_the_status_line_and_footer_visible(tmp_path):
             assert lines[-1].startswith("s Save ? Help q Quit")
 
     run(go())
+
+
+def test_review_in_a_real_terminal_opens_and_quits(tmp_path):
+    """The CLI path with the real terminal driver (Pilot uses a headless one): the grid
+    comes up in a pty, `q` ends the process with exit code 0 and the terminal restored."""
+    import os
+    import sys
+
+    import pexpect
+
+    path = write(tmp_path)
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = pexpect.spawn(sys.executable, ["-m", "mergeplan.cli", "review", str(path)], env=env,
+                          dimensions=(24, 80), timeout=60)
+    child.expect("density")  # the grid bar is painted
+    child.expect("peak L")  # the sparklines too: the screen is up
+    child.send("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert b"\x1b[?1049l" in child.before  # left the alternate screen
