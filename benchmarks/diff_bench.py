@@ -4,8 +4,8 @@
 
 A plan received from someone else may be shaped to make a reader slow. Each case builds
 two plans of about --size-mb encoded bytes that differ everywhere, writes them to disk and
-times what `mergeplan diff` does (read both, diff_plans, print_diff to a file-backed
-console, 160 columns). Cases: one tensor with thousands of contributions (the lookup by
+times what `mergeplan diff --tensors` does (read both, diff_plans, the summary and every
+change printed to a file-backed console, 80 columns). Cases: one tensor with thousands of contributions (the lookup by
 model id), many tensors, many models, and the same tensor name repeated.
 """
 
@@ -66,7 +66,7 @@ CASES = {
 def time_diff(a: Path, b: Path) -> tuple[float, int]:
     t0 = time.perf_counter()
     rows = diff_plans(read_plan(a), read_plan(b))
-    print_diff(Console(file=io.StringIO(), width=160, highlight=False), rows, a, b)
+    print_diff(Console(file=io.StringIO(), width=80, highlight=False), rows, a, b, tensors=True)
     return time.perf_counter() - t0, len(rows)
 
 

@@ -14,9 +14,11 @@ from rich.text import Text
 
 from .plan.codec import plan_digest
 from .plan.identity import decision_digest, edit_summary
-from .plan.diff import DiffRow
+from .plan.diff import DiffRow, summarize
 from .plan.model import OP_MERGE, Plan
 from .plan.names import parse_name
+from .plan import view
+from .plan.view import short_component
 from .safetext import clean, markup, text
 
 
@@ -35,44 +37,55 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _aim_mean(relax: dict) -> float:
-    """Mean AIM factor f = 1 - scores * (1 - omega) (whole.aim_factors' float32 arithmetic)
-    in numpy, so that `show` never imports torch."""
-    with np.errstate(all="ignore"):  # a hostile omega may overflow float32: shown as inf, not warned
-        scores = np.asarray(relax["scores"], dtype=np.float32)
-        return float((np.float32(1.0) - scores * np.float32(1.0 - float(relax["omega"]))).mean(dtype=np.float32))
-
-
 def layer_summary(plan: Plan) -> list[dict[str, Any]]:
     """Per layer ("-" for tensors outside decoder blocks): mean density, weight, kept fraction
-    per model over merged tensors, plus mean lambda, AIM factor and mask overlap."""
+    per model over merged tensors, plus mean lambda, AIM factor and mask overlap.
+
+    A kept fraction or overlap that an edit made stale (the planner measured a mask apply
+    will now rebuild) is known only at apply: the layer's value is None and its key is
+    listed in "at_apply", rather than an average that mixes in the old measurement."""
     acc: dict[Any, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    pending: dict[Any, set[str]] = defaultdict(set)
     for t in plan.tensors:
         if t.op != OP_MERGE:
             continue
         layer = parse_name(t.name).layer
         key = layer if layer is not None else "-"
         a = acc[key]
+        recorded = t.stats.get("kept", {})
         for c in t.contributions:
             a[f"density:{c.model}"].append(c.density)
             a[f"weight:{c.model}"].append(c.weight)
-            kept = t.stats.get("kept", {})
-            if c.model in kept:
-                a[f"kept:{c.model}"].append(kept[c.model])
+            if c.model in recorded:
+                k = view.kept(t, c)
+                if k.pending:
+                    pending[key].add(f"kept:{c.model}")
+                else:
+                    a[f"kept:{c.model}"].append(k.value)
         a["lambda"].append(float(t.params.get("lambda", 1.0)))
-        if t.relax:
-            a["aim_factor"].append(_aim_mean(t.relax))
-        if "overlap" in t.stats:
-            a["overlap"].append(t.stats["overlap"])
+        mean = view.aim_mean(t.relax)
+        if mean is not None:
+            a["aim_factor"].append(mean)
+        ov = view.overlap(t)
+        if ov is not None:
+            if ov.pending:
+                pending[key].add("overlap")
+            else:
+                a["overlap"].append(ov.value)
     rows = []
     for key in sorted(acc, key=lambda k: (k == "-", k if k != "-" else 0)):
-        rows.append({"layer": key, **{k: float(np.mean(v)) for k, v in acc[key].items()}})
+        row = {"layer": key, **{k: float(np.mean(v)) for k, v in acc[key].items()}}
+        if pending[key]:
+            row.update({k: None for k in pending[key]})
+            row["at_apply"] = sorted(pending[key])
+        rows.append(row)
     return rows
 
 
-def plan_json(plan: Plan) -> dict[str, Any]:
+def plan_json(plan: Plan, digest: str | None = None) -> dict[str, Any]:
+    """`digest`: the plan file's, as read_plan_with_digest checked it (else computed)."""
     return {
-        "digest": plan_digest(plan),
+        "digest": digest or plan_digest(plan),
         "decision_digest": decision_digest(plan),
         "edits": edit_summary(plan),
         "mergeplan_version": plan.mergeplan_version,
@@ -95,22 +108,26 @@ def plan_json(plan: Plan) -> dict[str, Any]:
              "models": {c.model: {"weight": c.weight, "density": c.density,
                                   "mask": _jsonable({k: v for k, v in (c.mask or {}).items()}),
                                   "source": c.source} for c in t.contributions},
-             "relax": _jsonable(t.relax), "stats": _jsonable(t.stats)}
+             # Mask statistics an edit made stale are null (known at apply), never the old value.
+             "relax": _jsonable(t.relax), "stats": _jsonable(view.tensor_stats(t))}
             for t in plan.tensors
         ],
     }
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return view.AT_APPLY
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
 
 
-def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = False) -> None:
+def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = False, digest: str | None = None) -> None:
+    """`digest`: the plan file's, as read_plan_with_digest checked it (else computed)."""
     # Every plan string is escaped (markup) or wrapped (text): the plan may be hostile.
     say = partial(console.print, emoji=False)
-    say(f"[bold]{markup(path)}[/]  file {plan_digest(plan)}")
+    say(f"[bold]{markup(path)}[/]  file {digest or plan_digest(plan)}")
     ed = edit_summary(plan)
     edited = f"edited by hand: {ed['changes']} change(s) in {ed['sessions']} session(s)" if ed["edited"] else "not edited"
     say(f"decision digest {decision_digest(plan)}  ({edited})")
@@ -155,6 +172,9 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
         for c in extra:
             t.add_column({"aim_factor": "AIM factor", "overlap": "mask overlap"}.get(c, c), justify="right")
         print_table(console, t, [[str(r["layer"]), *[_fmt(r.get(c, "")) for c in extra]] for r in rows])
+    if any(r.get("at_apply") for r in rows):
+        say("at apply: an edit changed these masks since the planner measured them; apply rebuilds them "
+            "from their recipe, so their kept fraction and overlap are known only then")
     if plan.edit_log:
         say(f"edit log: {len(plan.edit_log)} save(s), last {markup(plan.edit_log[-1].get('time'))} "
             f"({len(plan.edit_log[-1].get('changes', []))} change(s))")
@@ -228,14 +248,66 @@ def _cell(v: Any) -> str:
     return _fmt(v)
 
 
-def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | str) -> None:
+def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | str, tensors: bool = False) -> None:
+    """A summary that fits the console's width (80 columns when piped, unless COLUMNS says
+    otherwise): plan- and model-level changes, changed values per layer x component, and
+    per field how many values changed from what to what; `tensors` adds every change,
+    grouped by tensor. Plan strings are cleaned and never read as markup."""
     if not rows:
         console.print(f"{markup(a)} and {markup(b)}: no differences", emoji=False)
         return
-    console.print(f"{markup(a)} -> {markup(b)}: {len(rows)} difference(s)", emoji=False)
-    t = Table()
-    # Tensor names stay whole (a truncated name is useless in a diff); values fold.
-    t.add_column("where", no_wrap=True)
-    for col in ("model", "field", "old", "new"):
-        t.add_column(col, overflow="fold")
-    print_table(console, t, [[r.where, r.model or "", r.field, _cell(r.old), _cell(r.new)] for r in rows])
+    s = summarize(rows)
+    console.print(f"{markup(a)} -> {markup(b)}: {len(rows)} difference(s) in {s.tensors} tensor(s)", emoji=False)
+    width = max(40, console.width)
+    out: list[str] = []  # plain lines, written in one go (a crafted plan may make tens of thousands)
+
+    def say(line: str) -> None:
+        line = clean(line)
+        out.append(line if len(line) <= width else line[: width - 3] + "...")
+
+    def heading(title: str) -> None:
+        if out:
+            console.out("\n".join(out), highlight=False)
+            out.clear()
+        console.print(f"[bold]{title}[/]")
+
+    for r in s.global_rows:
+        say(f"{r.where}  {r.field}: {_cell(r.old)} -> {_cell(r.new)}")
+    if s.rows:
+        heading("changed values per layer and component")
+        label_w = max(len(label) for label, _ in s.rows) + 1
+        per_block = max(1, (width - label_w) // 5)
+        for i in range(0, len(s.components), per_block):
+            comps = s.components[i:i + per_block]
+            say(" " * label_w + "".join(fit(short_component(c), 4).rjust(5) for c in comps))
+            for label, counts in s.rows:
+                cells = counts[i:i + per_block]
+                say(label.ljust(label_w) + "".join((str(n) if n else "·").rjust(5) for n in cells))
+        heading("fields")
+        fw = min(18, max(len(clean(f.field)) for f in s.fields))
+        say(f"{'field':<{fw}} {'values':>6} {'tensors':>7}  old -> new")
+        for f in s.fields:
+            say(f"{fit(f.field, fw):<{fw}} {f.values:>6} {f.tensors:>7}  {f.old} -> {f.new}")
+    if out:
+        console.out("\n".join(out), highlight=False)
+    if not tensors:
+        if s.rows:
+            console.print("every change, tensor by tensor: mergeplan diff --tensors (or --json)", emoji=False)
+        return
+    console.print("[bold]every change[/]")
+    lines: list[str] = []
+    where = None
+    for r in rows:
+        if r.where == "plan" or r.where.startswith("model "):
+            continue
+        if r.where != where:
+            where = r.where
+            lines.append(clean(r.where))
+        lines.append(clean(f"  {r.model + '  ' if r.model else ''}{r.field}: {_cell(r.old)} -> {_cell(r.new)}"))
+    # console.out: plain text, no markup or highlighting; long lines wrap as the terminal wraps them.
+    console.out("\n".join(lines), highlight=False)
+
+
+def fit(s: Any, width: int) -> str:
+    s = clean(s)
+    return s if len(s) <= width else s[: width - 1] + "~"

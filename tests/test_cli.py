@@ -67,6 +67,8 @@ def test_edit_then_diff_then_apply_uses_edits(planned, tmp_path, capsys):
     ed.set(ed.select(layers=[2], components=["q"], models=["math"]), "density", 0.05)
     ed.save(str(edited))
     code, out, _ = run_cli(capsys, "diff", planned, edited)
+    assert code == 1 and "0.05" in out and Q not in out  # the summary: per layer and field
+    code, out, _ = run_cli(capsys, "diff", planned, edited, "--tensors")
     assert code == 1 and Q in out and "0.05" in out
     code, out, _ = run_cli(capsys, "diff", planned, planned)
     assert code == 0 and "no differences" in out

@@ -16,7 +16,7 @@ from mergeplan_tui import run_review
 from mergeplan_tui.app import make_app
 from mergeplan_tui.fingerprint import make_checker
 from mergeplan_tui.screens.detail import DetailScreen
-from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen
+from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen, QuitScreen
 from mergeplan_tui.screens.diff import DiffScreen
 from mergeplan_tui.screens.edit import EditScreen
 from mergeplan_tui.screens.grid import GridScreen
@@ -177,7 +177,7 @@ def test_scale_weights_of_attention_for_one_model(tmp_path):
     async def go():
         app = make_app(str(path), model_checker=fixed_status)
         async with app.run_test(size=(120, 40)) as pilot:
-            app.open_edit(app.screen.selection_prefill())
+            app.screen.action_edit()
             await pilot.pause()
             s = app.screen
             s.query_one("#field").value = "weight"
@@ -187,13 +187,13 @@ def test_scale_weights_of_attention_for_one_model(tmp_path):
             s.query_one("#models").value = "code"
             s.query_one("#value").value = "1.25"
             await pilot.pause()
-            assert "8 values: 8 tensors x 1 model;" in str(s.query_one("#edit-preview").render())
+            assert "weight of 8 tensors (q, k, v, o) x 1 model: 1 -> 1.25" in str(s.query_one("#edit-preview").render())
             await pilot.click("#apply")
             await pilot.pause()
             ed = app.editor
             assert ed.get("model.layers.1.self_attn.o_proj.weight", "code", "weight") == 1.25
             # reset layer 1 back to the planned weights; layer 0 keeps its edit
-            app.open_edit(app.screen.selection_prefill())
+            app.screen.action_edit()
             await pilot.pause()
             s = app.screen
             for key, value in (("#field", "weight"), ("#action", "reset"), ("#layers", "1"),
@@ -251,11 +251,11 @@ def test_quit_asks_before_losing_edits(tmp_path):
             await pilot.press("e", "0", ".", "9", "enter")
             assert app.pending_count == 1
             await pilot.press("q")
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("n")
-            assert isinstance(app.screen, GridScreen) and app.is_running
+            assert isinstance(app.screen, QuitScreen)
+            await pilot.press("escape")  # Cancel: back to the review, edits kept
+            assert isinstance(app.screen, GridScreen) and app.is_running and app.pending_count == 1
             await pilot.press("q")
-            await pilot.press("y")
+            await pilot.press("d")  # Discard
             await pilot.pause()
             assert not app.is_running
         return app.return_code
@@ -308,7 +308,7 @@ def test_diff_against_loaded_and_other_plan(tmp_path):
             assert isinstance(app.screen, DiffScreen)
             table = app.screen.query_one("#diff-table")
             rows = [table.get_row_at(i) for i in range(table.row_count)]
-            assert ["L5 mlp.down_proj.weight", "code", "weight", "0.5", "1"] in [[str(x) for x in r] for r in rows]
+            assert ["L5 mlp.down_proj.weight", "code", "weight", "0.5 -> 1"] in [[str(x) for x in r] for r in rows]
             await pilot.press("t")  # vs the plan as loaded: nothing yet
             assert table.row_count == 0
             await pilot.press("g", "e", "0", ".", "4", "enter", "d")
@@ -359,7 +359,7 @@ def test_overview_shows_model_status_from_the_worker(tmp_path):
             await pilot.press("o")
             await app.workers.wait_for_complete()
             await pilot.pause()
-            text = plain(render_overview(app), width=200)
+            text = plain(render_overview(app.session), width=200)
             assert "changed: shard model-00001" in text and "missing (no directory" in text
             assert "sha256:" in text and "lewis.gamma" in text and "2026-01-02T03:04:05" in text
 
@@ -401,3 +401,172 @@ def test_corrupt_and_newer_plans_raise_plan_format_error(tmp_path):
     good = write(tmp_path)
     with pytest.raises(PlanFormatError, match="not found"):
         make_app(str(good), compare=str(tmp_path / "absent.plan"))
+
+
+def _with_post_norms(layers: int = 6):
+    """review_plan plus the post-attention norm between o and gate, as in Llama."""
+    from mergeplan.plan import Contribution, TensorPlan
+
+    plan = review_plan(layers)
+    for layer in range(layers):
+        i = plan.tensors.index(plan.tensor(f"model.layers.{layer}.mlp.gate_proj.weight"))
+        plan.tensors.insert(i, TensorPlan(f"model.layers.{layer}.post_attention_layernorm.weight", (64,), "bfloat16",
+                                          params={"lambda": 1.0},
+                                          contributions=[Contribution(m, 1.0) for m in ("math", "code")]))
+    return plan
+
+
+def test_box_edit_over_the_projections_leaves_the_norm_between_them(tmp_path):
+    path = write(tmp_path, _with_post_norms())
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            assert grid.at(*grid.cursor) == (0, "q", "math")
+            await pilot.press("space", "down", *["right"] * 7)  # L0 q .. L1 down, across "post"
+            assert grid.at(*grid.cursor) == (1, "down", "math")
+            await pilot.press("e")
+            s = app.screen
+            preview = str(s.query_one("#edit-preview").render())
+            assert "density of 14 tensors (q, k, v, o, gate, up, down) x 1 model" in preview
+            assert not s.query_one("#vectors").value
+            await pilot.press("0", ".", "5", "enter")
+            await pilot.pause()
+            return app.editor
+
+    ed = run(go())
+    for layer in (0, 1):
+        norm = ed.plan.tensor(f"model.layers.{layer}.post_attention_layernorm.weight").contribution("math")
+        assert norm.mask is None and norm.density == 1.0  # untouched: dense, as planned
+        assert ed.get(f"model.layers.{layer}.mlp.down_proj.weight", "math", "density") == 0.5
+    assert len(ed.pending()) == 14
+
+
+def test_norm_columns_alone_are_an_explicit_choice(tmp_path):
+    path = write(tmp_path, _with_post_norms())
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            grid.move_cursor(grid.gm.rows.index(2), grid.col_keys.index(("post_norm", "code")))
+            await pilot.press("e")
+            s = app.screen
+            assert s.query_one("#vectors").value and s.query_one("#components").value == "post_norm"
+            s.query_one("#field").value = "weight"
+            await pilot.press("0", ".", "9", "enter")
+            await pilot.pause()
+            return app.editor
+
+    ed = run(go())
+    assert ed.get("model.layers.2.post_attention_layernorm.weight", "code", "weight") == 0.9
+
+
+def test_edit_errors_name_the_field_being_edited(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e")
+            s = app.screen
+            s.query_one("#action").value = "scale"
+            s.query_one("#value").value = "abc"
+            await pilot.pause()
+            error = str(s.query_one("#edit-error").render())
+            assert error.startswith("density: the scale factor must be a finite number") and "weight" not in error
+            s.query_one("#field").value = "weight"
+            s.query_one("#action").value = "set"
+            await pilot.pause()
+            assert str(s.query_one("#edit-error").render()).startswith("weight must be a number")
+
+    run(go())
+
+
+def test_quit_with_edits_can_save_first(tmp_path):
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("e", "0", ".", "9", "enter", "q")
+            assert isinstance(app.screen, QuitScreen)
+            await pilot.press("s")  # Save, then quit
+            await pilot.pause()
+            assert not app.is_running
+
+    run(go())
+    assert read_plan(path).tensor("model.layers.0.self_attn.q_proj.weight").contribution("math").density == 0.9
+
+
+def test_footer_keeps_save_help_quit_at_60x20(tmp_path):
+    from mergeplan_tui.screens.overview import OverviewScreen
+    from test_tui_hostile import screen_text
+
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(60, 20)) as pilot:
+            for keys, screen in (((), GridScreen), (("enter",), DetailScreen), (("escape", "o"), OverviewScreen),
+                                 (("d",), DiffScreen)):
+                await pilot.press(*keys)
+                await pilot.pause()
+                assert isinstance(app.screen, screen)
+                footer = screen_text(app).splitlines()[-1]
+                assert footer.startswith("s Save ? Help q Quit"), (screen, footer)
+
+    run(go())
+
+
+def test_find_tensor_and_goto_layer(tmp_path):
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            grid = app.screen.query_one(PlanGrid)
+            await pilot.press("slash", *"layers.4.mlp.up", "enter")
+            assert grid.at(*grid.cursor) == (4, "up", "math")
+            await pilot.press("g", "2", "enter")
+            assert grid.at(*grid.cursor) == (2, "up", "math")
+            await pilot.press("g", "h", "e", "a", "d", "enter")
+            assert grid.at(*grid.cursor)[0] == "head"
+            await pilot.press("slash", *"nothing-like-this", "enter")
+            await pilot.pause()
+            assert grid.at(*grid.cursor)[0] == "head" and isinstance(app.screen, GridScreen)
+
+    run(go())
+
+
+def test_toasts_leave_the_status_line_and_footer_visible(tmp_path):
+    from test_tui_hostile import screen_text
+
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            await pilot.press("e", "0", ".", "2", "enter")
+            await asyncio.sleep(0.3)
+            await pilot.pause()
+            lines = screen_text(app).splitlines()
+            assert any("density set: 1 values changed" in line for line in lines[:-2])  # the toast is up
+            assert lines[-2].strip() == "L0 q [math] density 0.2 (planned 0.6)"
+            assert lines[-1].startswith("s Save ? Help q Quit")
+
+    run(go())
+
+
+def test_review_in_a_real_terminal_opens_and_quits(tmp_path):
+    """The CLI path with the real terminal driver (Pilot uses a headless one): the grid
+    comes up in a pty, `q` ends the process with exit code 0 and the terminal restored."""
+    import os
+    import sys
+
+    import pexpect
+
+    path = write(tmp_path)
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = pexpect.spawn(sys.executable, ["-m", "mergeplan.cli", "review", str(path)], env=env,
+                          dimensions=(24, 80), timeout=60)
+    child.expect("density")  # the grid bar is painted
+    child.expect("peak L")  # the sparklines too: the screen is up
+    child.send("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert b"\x1b[?1049l" in child.before  # left the alternate screen

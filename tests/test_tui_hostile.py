@@ -21,7 +21,8 @@ from mergeplan.plan import Contribution, TensorPlan, write_plan
 from mergeplan_tui.app import make_app
 from mergeplan_tui.richtext import clean, content, fit, markup, text
 from mergeplan_tui.screens.detail import DetailScreen, render_tensor
-from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen
+from mergeplan_tui.messages import OpenTensor
+from mergeplan_tui.screens.dialogs import ConfirmScreen, PathScreen, QuitScreen
 from mergeplan_tui.screens.diff import DiffScreen
 from mergeplan_tui.screens.edit import EditScreen
 from mergeplan_tui.screens.help import HelpScreen
@@ -176,7 +177,7 @@ async def _visit_every_screen(path: str, other: str, size: tuple[int, int]) -> N
         assert f"layer 0 · {RED} · shape 4x4" in screen
         if wide:
             assert f"{CLOSE}  " in screen and f"{WIDE}{RED}" in screen  # column headers
-        body = plain(render_tensor(app, TENSOR))
+        body = plain(render_tensor(app.session, TENSOR))
         for s in (f"{LINK}={RED}", CLICK, STAT, f"s{SHOWN_ESC}", SHOWN_BIDI):
             assert s in body
         await pilot.press("]", "[", "escape")
@@ -187,7 +188,7 @@ async def _visit_every_screen(path: str, other: str, size: tuple[int, int]) -> N
         assert f"{CLOSE}ties" in screen and f"[/b]={CLICK}" in screen
         if wide:
             assert LINK in screen and ESCAPED in screen and SHOWN_ESC in screen
-        body = plain(render_overview(app))
+        body = plain(render_overview(app.session))
         for s in (LINK, CLICK, RED, f"[/]note {SHOWN_ESC}", SHOWN_BIDI, "[red]g.[link=x]", f"changed: {CLOSE} shard",
                   f"{WIDE}  {LONG[:50]}", f"lines {RED}", f"[/i].{RED}"):
             assert s in body, s
@@ -247,10 +248,10 @@ async def _visit_every_screen(path: str, other: str, size: tuple[int, int]) -> N
         await pilot.pause()
         assert app.pending_count == 1
         await pilot.press("q")
-        assert isinstance(app.screen, ConfirmScreen)
+        assert isinstance(app.screen, QuitScreen)
         check_screen(app)
-        await pilot.press("n")
-        assert app.is_running and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        assert app.is_running and not isinstance(app.screen, QuitScreen)
 
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
@@ -294,11 +295,12 @@ def test_clicking_action_markup_from_a_plan_runs_nothing(plans):
 
             await pilot.press("m", "m")  # the grid bar names the model "[@click=app.quit]q[/]"
             assert f"· {CLICK} ·" in static_text(app.screen, "#grid-bar")
-            assert await click_text(CLICK) == 2  # and the status line: "L0 q [[@click=app.quit]q[/]] ..."
+            # and the status line ("L0 q [[@click=app.quit]q[/]] ...") and the grid's model header
+            assert await click_text(CLICK) == 3
             await pilot.press("o")  # params, model id and path, status, calibration, edit log
             assert await click_text(CLICK) >= 5
             assert await click_text(LINK) >= 2
-            app.open_detail(TENSOR)
+            app.post_message(OpenTensor(TENSOR))
             await pilot.pause()
             assert await click_text(CLICK) >= 3  # params, a column header, "overlap ..." and "set by"
             assert ran == [] and app.is_running

@@ -74,3 +74,17 @@ SCREENS = {
 def test_screen_snapshot(snap_compare, plan_file, screen, size):
     app = make_app(plan_file, model_checker=fixed_status)
     assert snap_compare(app, terminal_size=size, run_before=SCREENS[screen])
+
+
+# A small terminal: the footer still shows Save, Help and Quit; the grid scrolled sideways
+# still names the model its columns belong to.
+SMALL = {
+    "grid_scrolled": steps(*["right"] * 12, edit=True),
+    "edit_box": steps("space", "down", "right", "right", "e"),
+}
+
+
+@pytest.mark.parametrize("screen", list(SMALL))
+def test_small_terminal_snapshot(snap_compare, plan_file, screen):
+    app = make_app(plan_file, model_checker=fixed_status)
+    assert snap_compare(app, terminal_size=(60, 20), run_before=SMALL[screen])

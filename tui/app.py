@@ -1,81 +1,123 @@
-"""The review app: built by make_app from a plan file, edited only through PlanEditor."""
+"""The review app: built by make_app from a plan file, edited only through PlanEditor.
+
+Screens are made here with what they need (a Session) and talk back with messages
+(messages.py); they are imported when first shown, so opening a plan loads only the grid.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from textual import work
 from textual.app import App
 from textual.binding import Binding
-from textual.reactive import reactive
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 
 from mergeplan.errors import MergeplanError
-from mergeplan.plan.codec import plan_digest, read_plan
+from mergeplan.plan.codec import read_plan, read_plan_with_digest
 from mergeplan.plan.edit import PlanEditor
-from mergeplan.plan.model import OP_MERGE, Plan
+from mergeplan.plan.view import editable_fields
 
 from .fingerprint import ModelChecker, make_checker
 from .gridmodel import GridModel
+from .keys import COMMON
+from .messages import EditRequested, OpenTensor, PlanChanged, StatusChanged
 from .richtext import clean
-from .screens.detail import DetailScreen
-from .screens.dialogs import ConfirmScreen, PathScreen
-from .screens.diff import DiffScreen
-from .screens.edit import EditRequest, EditScreen, Prefill
-from .screens.grid import GridScreen
-from .screens.help import HelpScreen
-from .screens.overview import OverviewScreen
-from .widgets.plangrid import PlanGrid
+from .session import Session
 
 # Actions that make no sense while a dialog is open (its own keys take precedence).
 _APP_ACTIONS = {"switch_mode", "undo", "redo", "save", "save_as", "help", "quit"}
 
 
+def _grid(session: Session) -> Screen:
+    from .screens.grid import GridScreen
+
+    return GridScreen(session)
+
+
+def _overview(session: Session) -> Screen:
+    from .screens.overview import OverviewScreen
+
+    return OverviewScreen(session)
+
+
+def _diff(session: Session) -> Screen:
+    from .screens.diff import DiffScreen
+
+    return DiffScreen(session)
+
+
 class ReviewApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "mergeplan review"
-    MODES = {"grid": GridScreen, "overview": OverviewScreen, "diff": DiffScreen}
     DEFAULT_MODE = "grid"
     # Its footer entry costs 80x24 space the review's own keys need; ? lists every key.
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
-        Binding("question_mark,f1", "help", "Help", tooltip="this list of keys"),
-        Binding("g", "switch_mode('grid')", "Grid", show=False, tooltip="layer grid (heatmap of the plan's values)"),
+        *COMMON,  # save, help, quit: also first in every screen's footer
+        Binding("g", "switch_mode('grid')", "Grid", show=False,
+                tooltip="layer grid (heatmap of the plan's values); on the grid, g jumps to a layer"),
         Binding("o", "switch_mode('overview')", "Overview",
                 tooltip="models and their status here, method, guides, calibration, digest, edit history"),
         Binding("d", "switch_mode('diff')", "Diff", tooltip="differences from the plan as loaded, or another plan"),
         Binding("u,ctrl+z", "undo", "Undo", tooltip="undo the last edit"),
         Binding("r,ctrl+y", "redo", "Redo", show=False, tooltip="redo what undo took back"),
-        Binding("s,ctrl+s", "save", "Save", tooltip="write the plan in place (atomically), logging the edits"),
         Binding("S,shift+s", "save_as", "Save as", show=False, tooltip="write the edited plan to another file"),
-        Binding("q", "quit", "Quit", tooltip="quit; asks first when edits are unsaved"),
     ]
 
-    # Bumped after every change to the plan (edit, undo, redo, save); screens watch it.
-    revision: reactive[int] = reactive(0, init=False)
-    # model id -> "found" | "changed: ..." | "missing: ..." | "not checked (...)"
-    model_status: reactive[dict[str, str]] = reactive(dict, init=False)
-    # Digest of the plan file as loaded or last saved ("" while it is being computed).
-    file_digest: reactive[str] = reactive("", init=False)
-
-    def __init__(self, editor: PlanEditor, compare_plan: Plan | None = None, compare_path: str | None = None,
-                 model_checker: ModelChecker | None = None):
+    def __init__(self, editor: PlanEditor, compare_plan=None, compare_path: str | None = None,
+                 model_checker: ModelChecker | None = None, file_digest: str = ""):
         super().__init__()
-        self.editor = editor
-        self.grid_model = GridModel(editor.plan)
-        self.compare_plan = compare_plan
-        self.compare_path = compare_path or ""
+        self.session = Session(editor, GridModel(editor.plan), compare_plan, compare_path or "",
+                               file_digest=file_digest)
         self.model_checker = model_checker or make_checker(editor.plan, editor.path)
-        self.pending_count = 0
-        self.saved_once = False
+        self._screens: list[Screen] = []  # every screen made here: they hear PlanChanged / StatusChanged
+        for mode, factory in (("grid", _grid), ("overview", _overview), ("diff", _diff)):
+            self.add_mode(mode, self._maker(factory))
         self.sub_title = self._describe_file()
+
+    # Kept as attributes for callers and tests that hold the app.
+    @property
+    def editor(self) -> PlanEditor:
+        return self.session.editor
+
+    @property
+    def grid_model(self) -> GridModel:
+        return self.session.grid
+
+    @property
+    def pending_count(self) -> int:
+        return self.session.pending_count
+
+    def _maker(self, factory: Callable[[Session], Screen]) -> Callable[[], Screen]:
+        def make() -> Screen:
+            screen = factory(self.session)
+            self._screens.append(screen)
+            return screen
+
+        return make
+
+    def _broadcast(self, message_type: type) -> None:
+        self._screens = [s for s in self._screens if s.is_attached or s in self.screen_stack]
+        for s in self._screens:
+            s.post_message(message_type())
+
+    def get_driver_class(self):
+        driver = super().get_driver_class()
+        if driver.__name__ == "LinuxDriver" and not os.environ.get("TEXTUAL_DRIVER"):
+            try:  # quits without Textual's 0.1-0.2 s input-thread wait
+                from .driver import FastExitDriver
+            except ImportError:  # a Textual whose internals moved: its own driver, a slower quit
+                return driver
+            return FastExitDriver
+        return driver
 
     # -- startup ------------------------------------------------------------------------
     def on_mount(self) -> None:
-        # After the first paint, so opening the plan is not slowed by these.
+        # After the first paint, so opening the plan is not slowed by it.
         self.call_after_refresh(self.check_models)
-        self.call_after_refresh(self.compute_digest)
 
     @work(thread=True, exclusive=True, group="models")
     def check_models(self) -> None:
@@ -87,29 +129,20 @@ class ReviewApp(App[int]):
             self.call_from_thread(self._set_status, m.id, status)
 
     def _set_status(self, model_id: str, status: str) -> None:
-        self.model_status = {**self.model_status, model_id: status}
-
-    @work(thread=True, exclusive=True, group="digest")
-    def compute_digest(self) -> None:
-        loaded = self.editor.loaded
-        digest = plan_digest(loaded)
-
-        def done() -> None:
-            if self.editor.loaded is loaded:  # a save in the meantime already set the new one
-                self.file_digest = digest
-
-        self.call_from_thread(done)
+        self.session.model_status = {**self.session.model_status, model_id: status}
+        self._broadcast(StatusChanged)
 
     # -- state shared by the screens --------------------------------------------------------
     def _describe_file(self) -> str:
         # The Header shows the title as literal Content, but it writes control characters through.
         path = clean(self.editor.path or "(unsaved)")
-        return f"{path} · {self.pending_count} unsaved" if self.pending_count else path
+        n = self.session.pending_count
+        return f"{path} · {n} unsaved" if n else path
 
     def plan_changed(self, message: str | None = None) -> None:
-        self.pending_count = len(self.editor.pending())
+        self.session.pending_count = len(self.editor.pending())
         self.sub_title = self._describe_file()
-        self.revision += 1
+        self._broadcast(PlanChanged)
         if message:
             self.tell(message, timeout=4)
 
@@ -119,34 +152,29 @@ class ReviewApp(App[int]):
         in a file name raised MarkupError; a "[@click=...]" would make the toast run it)."""
         self.notify(clean(message, keep_newlines=True), markup=False, **kwargs)
 
-    def editable_fields(self) -> list[str]:
-        plan = self.editor.plan
-        fields = []
-        if plan.task_models:
-            fields += ["density", "weight"]
-        if any(t.op == OP_MERGE for t in plan.tensors):
-            fields.append("lambda")
-        if any(t.relax for t in plan.tensors):
-            fields.append("omega")
-        return fields
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in _APP_ACTIONS and isinstance(self.screen, ModalScreen):
             return False
         return True
 
-    # -- screens ------------------------------------------------------------------------
-    def open_detail(self, tensor: str) -> None:
-        self.push_screen(DetailScreen(tensor))
+    # -- requests from the screens ------------------------------------------------------------
+    def on_open_tensor(self, message: OpenTensor) -> None:
+        from .screens.detail import DetailScreen
 
-    def open_edit(self, prefill: Prefill) -> None:
-        fields = self.editable_fields()
+        screen = DetailScreen(self.session, message.tensor)
+        self._screens.append(screen)
+        self.push_screen(screen)
+
+    def on_edit_requested(self, message: EditRequested) -> None:
+        from .screens.edit import EditScreen
+
+        fields = editable_fields(self.editor.plan)
         if not fields:
             self.tell("this plan has nothing editable", severity="warning")
             return
-        self.push_screen(EditScreen(self.editor, self.grid_model, fields, prefill), self._apply_edit)
+        self.push_screen(EditScreen(self.editor, self.session.grid, fields, message.prefill), self._apply_edit)
 
-    def _apply_edit(self, req: EditRequest | None) -> None:
+    def _apply_edit(self, req) -> None:
         if req is None:
             return
         try:
@@ -162,12 +190,22 @@ class ReviewApp(App[int]):
         self.plan_changed(f"{req.field} {req.action}: {len(changes)} values changed (u undoes)")
 
     def action_help(self) -> None:
+        from .screens.detail import DetailScreen
+        from .screens.diff import DiffScreen
+        from .screens.edit import EditScreen
+        from .screens.grid import GridScreen
+        from .screens.help import HelpScreen
+        from .widgets.plangrid import PlanGrid
+
+        def own(bindings):  # the common keys are listed once, under "Everywhere"
+            return [b for b in bindings if b not in COMMON]
+
         self.push_screen(HelpScreen([
             ("Everywhere", ReviewApp.BINDINGS),
-            ("Layer grid", GridScreen.BINDINGS),
+            ("Layer grid", own(GridScreen.BINDINGS)),
             ("Grid cursor", PlanGrid.BINDINGS),
-            ("Tensor detail", DetailScreen.BINDINGS),
-            ("Diff", DiffScreen.BINDINGS),
+            ("Tensor detail", own(DetailScreen.BINDINGS)),
+            ("Diff", own(DiffScreen.BINDINGS)),
             ("Edit dialog", EditScreen.BINDINGS),
         ]))
 
@@ -188,12 +226,14 @@ class ReviewApp(App[int]):
 
     # -- saving -------------------------------------------------------------------------
     def action_save(self) -> None:
-        if not self.pending_count:
+        if not self.session.pending_count:
             self.tell("no unsaved edits", timeout=2)
             return
         self._save(None)
 
     def action_save_as(self) -> None:
+        from .screens.dialogs import ConfirmScreen, PathScreen
+
         def chosen(path: str | None) -> None:
             if not path:
                 return
@@ -207,30 +247,30 @@ class ReviewApp(App[int]):
         self.push_screen(PathScreen("Save plan as", self.editor.path or "merge.plan"), chosen)
 
     def _save(self, path: str | None) -> bool:
-        n = self.pending_count
+        n = self.session.pending_count
         try:
             digest = self.editor.save(path)
         except (MergeplanError, OSError) as e:
             self.tell(f"not saved: {e}", severity="error", timeout=10)
             return False
-        self.saved_once = True
-        self.file_digest = digest
+        self.session.saved_once = True
+        self.session.file_digest = digest
         self.plan_changed(f"saved {n} edits to {self.editor.path}")
+        self._broadcast(StatusChanged)
         return True
 
     # -- quitting -----------------------------------------------------------------------
     async def action_quit(self) -> None:
-        if not self.pending_count:
+        if not self.session.pending_count:
             self.exit(0)
             return
+        from .screens.dialogs import QuitScreen
 
-        def answered(discard: bool | None) -> None:
-            if discard:
+        def answered(choice: str | None) -> None:
+            if choice == "discard" or (choice == "save" and self._save(None)):
                 self.exit(0)
 
-        n = self.pending_count
-        self.push_screen(ConfirmScreen(f"Quit without saving {n} edited value{'s' if n != 1 else ''}?\n"
-                                       "(Cancel, then s saves.)", yes="Quit", no="Cancel"), answered)
+        self.push_screen(QuitScreen(self.session.pending_count, self.editor.path or ""), answered)
 
 
 def make_app(plan_path: str, compare: str | None = None, *, model_checker: ModelChecker | None = None) -> ReviewApp:
@@ -240,6 +280,6 @@ def make_app(plan_path: str, compare: str | None = None, *, model_checker: Model
     is shown. `model_checker` replaces the on-disk model fingerprint check (tests use it to
     make the overview deterministic).
     """
-    plan = read_plan(plan_path)
+    plan, digest = read_plan_with_digest(plan_path)  # checked against the body: no second hashing
     other = read_plan(compare) if compare else None
-    return ReviewApp(PlanEditor(plan, path=str(plan_path)), other, compare, model_checker)
+    return ReviewApp(PlanEditor(plan, path=str(plan_path)), other, compare, model_checker, digest)

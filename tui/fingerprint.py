@@ -11,6 +11,7 @@ from typing import Callable
 
 from mergeplan.errors import InputMismatchError, MergeplanError
 from mergeplan.plan.model import ModelRef, Plan
+from mergeplan.plan.view import model_search_dirs
 
 FOUND, CHANGED, MISSING, UNKNOWN = "found", "changed", "missing", "not checked"
 
@@ -30,8 +31,7 @@ def local_dir(ref: ModelRef, bases: list[Path]) -> Path | None:
 
 
 def make_checker(plan: Plan, plan_path: str | None) -> ModelChecker:
-    bases = [Path(d) for d in (plan.recipe.get("dir"), Path(plan_path).parent if plan_path else None) if d]
-    bases.append(Path.cwd())
+    bases = model_search_dirs(plan, plan_path)
 
     def check(ref: ModelRef) -> str:
         try:  # the model reader is optional for reviewing a plan

@@ -8,29 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
+from mergeplan.plan import view
 from mergeplan.plan.edit import FIELDS, get_value
-from mergeplan.plan.model import OP_MERGE, Plan, TensorPlan
+from mergeplan.plan.model import OP_MERGE, Plan
 from mergeplan.plan.names import COMPONENTS, parse_name
+from mergeplan.plan.view import ROW_EMBED, ROW_HEAD, RowKey, short_component
 
-ROW_EMBED = "emb"  # tensors outside the decoder blocks that feed them (embeddings)
-ROW_HEAD = "head"  # tensors outside the blocks after them (final norm, lm_head, others)
-RowKey = Union[int, str]
-
-_EMBED_COMPONENTS = {"embed", "embed_pos"}
-# Column headers are 5 cells wide; long component labels get a short form.
-_SHORT = {
-    "input_norm": "in_n", "post_norm": "post", "lm_head": "head", "embed": "emb",
-    "embed_pos": "pos", "gate_up": "g_up", "q_norm": "q_n", "k_norm": "k_n",
-}
-
-
-def short_component(comp: str) -> str:
-    return _SHORT.get(comp, comp[:5])
-
+__all__ = ["ROW_EMBED", "ROW_HEAD", "RowKey", "GridModel", "Quantity", "fmt_cell", "heat", "short_component",
+           "value_range"]
 
 @dataclass(frozen=True)
 class Quantity:
@@ -40,22 +29,6 @@ class Quantity:
     label: str
     per_model: bool  # one column per (component, model) rather than per component
     field: str | None  # the PlanEditor field this quantity edits, None when read-only
-
-
-def aim_factors(relax: dict[str, Any] | None) -> np.ndarray | None:
-    """AIM factors f = 1 - scores * (1 - omega) for a relax spec, or None without AIM.
-
-    Plans store the per-channel `scores` (so an omega edit stays exact); a spec that carries
-    precomputed `factors` instead is shown as is.
-    """
-    if not relax or relax.get("kind", "aim") != "aim":
-        return None
-    if relax.get("scores") is not None:
-        scores = np.asarray(relax["scores"], dtype=np.float64)
-        return 1.0 - scores * (1.0 - float(relax.get("omega", 1.0)))
-    if relax.get("factors") is not None:
-        return np.asarray(relax["factors"], dtype=np.float64)
-    return None
 
 
 class GridModel:
@@ -73,11 +46,9 @@ class GridModel:
         comps: set[str] = set()
         for t in plan.tensors:
             pn = parse_name(t.name)
-            if pn.layer is not None:
-                row: RowKey = pn.layer
-                layers.add(pn.layer)
-            else:
-                row = ROW_EMBED if pn.component in _EMBED_COMPONENTS else ROW_HEAD
+            row = view.row_of(t.name)
+            if isinstance(row, int):
+                layers.add(row)
             comps.add(pn.component)
             cells.setdefault((row, pn.component), []).append(t.name)
         # A cell shows the ".weight" tensor when a (row, component) holds several (bias, ...).
@@ -94,7 +65,6 @@ class GridModel:
         self.layers = sorted(layers)
         order = {c: i for i, c in enumerate(COMPONENTS)}
         self.components = sorted(comps, key=lambda c: (order.get(c, len(order)), c))
-        self._score_mean: dict[str, float | None] = {}
         self._stat_kinds = self._find_stats()
 
     # -- layout ---------------------------------------------------------------------------
@@ -102,9 +72,12 @@ class GridModel:
         names = self.cell_tensors.get((row, comp))
         return names[0] if names else None
 
-    @staticmethod
-    def row_label(row: RowKey) -> str:
-        return f"L{row}" if isinstance(row, int) else str(row)
+    row_label = staticmethod(view.row_label)
+
+    def is_vector_component(self, comp: str) -> bool:
+        """Every tensor of this column is 1-D (a norm): left out of wider range edits."""
+        names = [n for (_, c), ns in self.cell_tensors.items() if c == comp for n in ns]
+        return bool(names) and all(view.is_vector(self.plan.tensor(n)) for n in names)
 
     # -- quantities -----------------------------------------------------------------------
     def _find_stats(self) -> dict[str, bool]:
@@ -133,15 +106,42 @@ class GridModel:
         out += [Quantity(f"stat:{k}", k, per_model, None) for k, per_model in sorted(self._stat_kinds.items())]
         return out
 
+    def initial_quantity(self) -> int:
+        """Index of the quantity to open on: the first guide decision whose values differ
+        across tensors (an AIM plan with a fixed density opens on the AIM factors), else
+        the first guide decision, else density."""
+        qs = self.quantities()
+        keys = [q.key for q in qs]
+        guided = [k for k in view.guided_quantities(self.plan) if k in keys]
+        for k in guided:
+            if self._varies(qs[keys.index(k)]):
+                return keys.index(k)
+        return keys.index(guided[0]) if guided else 0
+
+    def _varies(self, q: Quantity) -> bool:
+        first = None
+        for comp, m in self.columns(q):
+            for row in self.rows:
+                name = self.tensor_at(row, comp)
+                v = None if name is None else self.value(name, q, m)
+                if v is None or not self.on_scale(name, q, m):
+                    continue
+                if first is None:
+                    first = v
+                elif v != first:
+                    return True
+        return False
+
     def value(self, tensor: str, q: Quantity, model: str | None) -> float | None:
         """The value a cell shows; None where the quantity does not apply."""
         if q.field in FIELDS:
             return get_value(self.plan, tensor, model if q.per_model else None, q.field)
         t = self.plan.tensor(tensor)
         if q.key == "aim":
-            return self._mean_factor(t)
+            return view.aim_mean(t.relax) if t.op == OP_MERGE else None
         if q.key.startswith("stat:"):
-            v = t.stats.get(q.key[5:])
+            # Mask statistics an edit made stale are None here ("at apply"), never the old value.
+            v = view.tensor_stats(t).get(q.key[5:])
             if q.per_model:
                 v = v.get(model) if isinstance(v, dict) else None
             return float(v) if _is_number(v) else None
@@ -156,20 +156,12 @@ class GridModel:
             return c is not None and c.mask is not None
         return True
 
-    def _mean_factor(self, t: TensorPlan) -> float | None:
-        # mean(1 - s*(1-omega)) = 1 - mean(s)*(1-omega): cache mean(s), which edits never change,
-        # so switching to this view on a 70B plan does not re-read megabytes of scores.
-        r = t.relax
-        if not r or t.op != OP_MERGE:
-            return None
-        if r.get("scores") is None:
-            f = aim_factors(r)
-            return float(f.mean()) if f is not None and f.size else None
-        if t.name not in self._score_mean:
-            s = np.asarray(r["scores"])
-            self._score_mean[t.name] = float(s.mean(dtype=np.float64)) if s.size else None
-        m = self._score_mean[t.name]
-        return None if m is None else 1.0 - m * (1.0 - float(r.get("omega", 1.0)))
+    def pending(self, tensor: str, q: Quantity, model: str | None) -> bool:
+        """The cell's statistic is known only at apply (an edit changed the mask it measured)."""
+        if not q.key.startswith("stat:"):
+            return False
+        name = q.key[5:] + (f".{model}" if q.per_model and model else "")
+        return name in view.stale_stats(self.plan.tensor(tensor))
 
     def columns(self, q: Quantity, models: list[str] | None = None) -> list[tuple[str, str | None]]:
         """(component, model) per column; model is None for per-tensor quantities."""
@@ -186,16 +178,18 @@ class GridModel:
                 out[(row, comp, m)] = None if name is None else self.value(name, q, m)
         return out
 
-    def series(self, q: Quantity, model: str | None) -> list[float]:
+    def series(self, q: Quantity, model: str | None, values: dict | None = None) -> list[float]:
         """Per decoder layer, the mean over components of the quantity (nan where none);
-        values off the colour scale (dense densities) do not count."""
+        values off the colour scale (dense densities) do not count. `values`: what
+        values(q) already returned, to read instead of the plan."""
         out = []
         for layer in self.layers:
             vals = []
             for comp in self.components:
                 name = self.tensor_at(layer, comp)
                 if name is not None:
-                    v = self.value(name, q, model)
+                    key = (layer, comp, model if q.per_model else None)
+                    v = values[key] if values is not None and key in values else self.value(name, q, model)
                     if v is not None and math.isfinite(v) and self.on_scale(name, q, model):
                         vals.append(v)
             out.append(sum(vals) / len(vals) if vals else math.nan)

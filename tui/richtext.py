@@ -72,6 +72,12 @@ def fit(s: Any, width: int) -> str:
     return s if cell_len(s) <= width else set_cell_size(s, width)
 
 
+def tell(node, message: Any, **kwargs) -> None:
+    """node.notify() with the message as literal text (it may quote paths, model ids and
+    tensor names, which notify's default markup would parse)."""
+    node.notify(clean(message, keep_newlines=True), markup=False, **kwargs)
+
+
 def literal(cell) -> Text:
     return text(cell) if isinstance(cell, str) else cell
 

@@ -1,5 +1,7 @@
-"""Facts about one tensor for the detail screen: masks, kept fractions, overlaps, AIM
-factor histogram and the guide statistics behind its values. Pure; no Textual.
+"""Display helpers for the detail and overview screens: the AIM factor histogram, short
+text for statistics of any shape, and plan-level guide statistics picked for one layer.
+Pure; no Textual. What the plan's values mean (masks, kept fractions, overlaps, AIM
+factors) comes from mergeplan.plan.view.
 """
 
 from __future__ import annotations
@@ -10,66 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from mergeplan.plan.model import Contribution, Plan, TensorPlan
+from mergeplan.plan.model import Plan, TensorPlan
 from mergeplan.plan.names import parse_name
-
-from .gridmodel import aim_factors
-
-_MASK_META = {"kind", "density", "digest", "bits"}
-
-
-@dataclass(frozen=True)
-class MaskInfo:
-    kind: str  # "dense", "magnitude", "explicit", ...
-    params: str  # the recipe parameters apply needs besides density, as "k=v" text
-    digest: str  # short digest, or why there is none
-    recompute: bool  # apply rebuilds this mask from its recipe without a digest check
-    kept: float  # fraction of entries the mask keeps
-    exact: bool  # kept/overlap are exact (explicit bits) rather than nominal
-
-
-def _numel(t: TensorPlan) -> int:
-    return int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
-
-
-def _bits(mask: dict[str, Any], n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(mask["bits"], dtype=np.uint8), count=n).astype(bool)
-
-
-def mask_info(t: TensorPlan, c: Contribution) -> MaskInfo:
-    m = c.mask
-    if m is None:
-        return MaskInfo("dense", "", "—", False, 1.0, True)
-    params = " ".join(f"{k}={m[k]}" for k in sorted(m) if k not in _MASK_META)
-    if "bits" in m:
-        bits = _bits(m, _numel(t))
-        return MaskInfo("explicit", params, "explicit bits (edited)", False, float(bits.mean()) if bits.size else 0.0, True)
-    digest = m.get("digest")
-    if digest:
-        return MaskInfo(str(m.get("kind", "?")), params, str(digest)[:12], False, c.density, False)
-    return MaskInfo(str(m.get("kind", "?")), params, "none: recomputed at apply", True, c.density, False)
-
-
-def overlaps(t: TensorPlan) -> dict[tuple[str, str], tuple[float, bool]]:
-    """Fraction of entries both models keep, per ordered model pair: (value, exact?).
-
-    Exact when both masks are explicit bits; otherwise the expectation d_i * d_j for
-    independent masks (a magnitude mask's real overlap depends on the weights, which the
-    plan does not hold).
-    """
-    n = _numel(t)
-    out = {}
-    cs = t.contributions
-    for a in cs:
-        for b in cs:
-            if a.model == b.model:
-                continue
-            if a.mask and b.mask and "bits" in a.mask and "bits" in b.mask:
-                both = _bits(a.mask, n) & _bits(b.mask, n)
-                out[(a.model, b.model)] = (float(both.mean()) if n else 0.0, True)
-            else:
-                out[(a.model, b.model)] = (a.density * b.density, False)
-    return out
+from mergeplan.plan.view import aim_factors
 
 
 @dataclass(frozen=True)
@@ -88,7 +33,7 @@ def aim_summary(t: TensorPlan, bins: int = 8) -> AimSummary | None:
     f = aim_factors(t.relax)
     if f is None or f.size == 0:
         return None
-    omega = float(t.relax.get("omega", 0.0))
+    omega = float(t.relax["omega"])
     lo_edge = min(omega, float(f.min()))
     hi_edge = max(1.0, float(f.max()))
     counts, edges = np.histogram(f, bins=bins, range=(lo_edge, hi_edge))

@@ -23,14 +23,20 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import blake3
-import torch
 
 from mergeplan.errors import InputMismatchError, MergeplanError
 
+if TYPE_CHECKING:
+    import torch  # imported where a tensor is hashed: checking files and headers needs no torch
+
+
 def tensor_blake3(t: torch.Tensor) -> bytes:
     """BLAKE3-256 of a tensor's bytes as stored (row-major, little-endian)."""
+    import torch
+
     flat = t.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()

@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from mergeplan.errors import MergeplanError
-from mergeplan.io.tensors import ST_DTYPE_RANK, ST_ITEMSIZE
+from mergeplan.io.stdtypes import ST_DTYPE_RANK, ST_ITEMSIZE
 
 # Same cap as the safetensors crate: a larger header is refused there too.
 MAX_HEADER_SIZE = 100_000_000

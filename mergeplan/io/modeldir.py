@@ -14,14 +14,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergeplan.errors import InputMismatchError, MergeplanError
 from mergeplan.io import digests
 from mergeplan.io.confine import blob_sha256, check_file_name, hub_snapshot, open_regular
 from mergeplan.io.header import ParsedHeader, read_header
-from mergeplan.io.tensors import st_to_torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the methods that make tensors (read), not at module import: opening a
+# directory and checking its fingerprint read headers only, and the review's background
+# check of the inputs must not spend seconds importing torch (it held up the first keys and
+# the quit of `mergeplan review`).
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -129,6 +135,10 @@ class ModelDir:
     def read(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh, owning tensor in the stored dtype (on `device` if given, else CPU);
         checked against the plan's digest when check_fingerprint was given one."""
+        import torch
+
+        from mergeplan.io.tensors import st_to_torch
+
         info = self.info(name)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:

@@ -162,6 +162,12 @@ def encode_plan(plan: Plan) -> bytes:
 
 
 def decode_plan(data: bytes, where: str = "plan") -> Plan:
+    return decode_plan_with_digest(data, where)[0]
+
+
+def decode_plan_with_digest(data: bytes, where: str = "plan") -> tuple[Plan, str]:
+    """The plan and the digest its file records, which decoding checked against the body
+    (so it equals plan_digest(plan) without re-encoding the plan)."""
     try:
         outer = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types for bad input
@@ -181,7 +187,7 @@ def decode_plan(data: bytes, where: str = "plan") -> Plan:
     if not isinstance(body, bytes) or body_digest(body) != digest:
         raise PlanFormatError(f"{where}: plan digest does not match its contents (corrupt or edited by hand); re-create it or restore a copy")
     with _gc_paused():
-        return _decode_body(body, where)
+        return _decode_body(body, where), digest
 
 
 def _decode_body(body: bytes, where: str) -> Plan:
@@ -218,6 +224,12 @@ def _gc_paused():
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
+    return read_plan_with_digest(path)[0]
+
+
+def read_plan_with_digest(path: str | os.PathLike) -> tuple[Plan, str]:
+    """read_plan, and the plan file's digest: `show` and `review` print it without
+    re-encoding a 30 MB plan to hash it again."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -225,7 +237,7 @@ def read_plan(path: str | os.PathLike) -> Plan:
         raise PlanFormatError(f"{p}: plan file not found; create one with `mergeplan plan RECIPE -o {p}`") from None
     except IsADirectoryError:
         raise PlanFormatError(f"{p}: is a directory, not a plan file") from None
-    return decode_plan(data, where=str(p))
+    return decode_plan_with_digest(data, where=str(p))
 
 
 def write_plan(plan: Plan, path: str | os.PathLike) -> str:

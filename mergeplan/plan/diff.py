@@ -116,3 +116,83 @@ def diff_plans(a: Plan, b: Plan) -> list[DiffRow]:
         if t.name not in seen:
             rows.append(DiffRow(t.name, None, "tensor", None, "present"))
     return [DiffRow(r.where, r.model, r.field, _short(r.old), _short(r.new)) for r in rows]
+
+
+# -- summary: where the changes are, and what changed ----------------------------------------
+@dataclass(frozen=True)
+class FieldSummary:
+    field: str
+    values: int  # diff rows (one per tensor x model, or per tensor)
+    tensors: int
+    models: int
+    old: str  # range of the old values ("0.3..0.9") or an example
+    new: str
+
+
+@dataclass(frozen=True)
+class DiffSummary:
+    """A diff folded for reading at 80 columns: changed values per (row, component), rows
+    with equal counts merged into ranges, and per field how many values changed from what
+    to what. Plan- and model-level differences are kept as they are (there are few)."""
+
+    components: list[str]  # components with a change, in display order
+    rows: list[tuple[str, list[int]]]  # (row label or range "L3-9", count per component)
+    fields: list[FieldSummary]
+    global_rows: list[DiffRow]
+    tensors: int
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _span(vals: list[Any]) -> str:
+    nums = [v for v in vals if _is_num(v)]
+    if nums and len(nums) == len(vals):
+        lo, hi = min(nums), max(nums)
+        return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
+    shown = list(dict.fromkeys(_text(v) for v in vals))
+    text = shown[0] if len(shown) == 1 else f"{len(shown)} different"
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
+        return v[:12]  # a mask digest: the prefix tells them apart
+    return str(v)
+
+
+def summarize(rows: list[DiffRow]) -> DiffSummary:
+    from .names import COMPONENTS, parse_name
+    from .view import row_label, row_of, row_order
+
+    global_rows = [r for r in rows if r.where == "plan" or r.where.startswith("model ")]
+    tensor_rows = [r for r in rows if not (r.where == "plan" or r.where.startswith("model "))]
+    counts: dict[Any, dict[str, int]] = {}
+    comps: set[str] = set()
+    by_field: dict[str, list[DiffRow]] = {}
+    for r in tensor_rows:
+        comp = parse_name(r.where).component
+        comps.add(comp)
+        cell = counts.setdefault(row_of(r.where), {})
+        cell[comp] = cell.get(comp, 0) + 1
+        by_field.setdefault(r.field, []).append(r)
+    order = {c: i for i, c in enumerate(COMPONENTS)}
+    components = sorted(comps, key=lambda c: (order.get(c, len(order)), c))
+    folded: list[tuple[Any, Any, list[int]]] = []  # (first row, last row, counts)
+    for row in sorted(counts, key=row_order):
+        line = [counts[row].get(c, 0) for c in components]
+        prev = folded[-1] if folded else None
+        if prev and isinstance(row, int) and isinstance(prev[1], int) and prev[1] == row - 1 and prev[2] == line:
+            folded[-1] = (prev[0], row, line)
+        else:
+            folded.append((row, row, line))
+    labels = [(row_label(a) if a == b else f"L{a}-{b}", line) for a, b, line in folded]
+    fields = [
+        FieldSummary(f, len(rs), len({r.where for r in rs}), len({r.model for r in rs if r.model}),
+                     _span([r.old for r in rs]), _span([r.new for r in rs]))
+        for f, rs in by_field.items()
+    ]
+    return DiffSummary(components, labels, fields, global_rows, len({r.where for r in tensor_rows}))

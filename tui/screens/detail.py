@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
-
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -14,19 +12,20 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
+from mergeplan.plan import view
 from mergeplan.plan.model import OP_MERGE
 from mergeplan.plan.names import parse_name
 
+from ..keys import COMMON
+from ..messages import EditRequested, PlanChanged, Prefill
 from ..richtext import add_row, clean, section, text
-from ..tensorinfo import aim_summary, flatten_stats, fmt_num, layer_stats, mask_info, overlaps, per_model_stats, summarize
-from .edit import Prefill
-
-if TYPE_CHECKING:
-    from ..app import ReviewApp
+from ..session import Session
+from ..tensorinfo import aim_summary, flatten_stats, fmt_num, layer_stats, per_model_stats, summarize
 
 
 class DetailScreen(Screen):
     BINDINGS = [
+        *COMMON,
         Binding("escape,backspace", "back", "Back", tooltip="back to the grid"),
         Binding("left_square_bracket", "step(-1)", "Prev", key_display="[", tooltip="previous tensor in plan order"),
         Binding("right_square_bracket", "step(1)", "Next", key_display="]", tooltip="next tensor in plan order"),
@@ -35,13 +34,10 @@ class DetailScreen(Screen):
 
     tensor: reactive[str] = reactive("", init=False)
 
-    def __init__(self, tensor: str):
+    def __init__(self, session: Session, tensor: str):
         super().__init__()
+        self.session = session
         self.set_reactive(DetailScreen.tensor, tensor)
-
-    @property
-    def review(self) -> "ReviewApp":
-        return cast("ReviewApp", self.app)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -50,31 +46,34 @@ class DetailScreen(Screen):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self.watch(self.review, "revision", self._render_body, init=False)
         self._render_body()
         self.query_one("#detail-scroll").focus()
 
     def watch_tensor(self) -> None:
         self._render_body()
 
+    def on_plan_changed(self, message: PlanChanged) -> None:
+        self._render_body()
+
     def _render_body(self) -> None:
-        self.query_one("#detail-body", Static).update(render_tensor(self.review, self.tensor))
+        self.query_one("#detail-body", Static).update(render_tensor(self.session, self.tensor))
 
     def action_back(self) -> None:
-        self.app.pop_screen()
+        self.dismiss()
 
     def action_step(self, step: int) -> None:
-        names = [t.name for t in self.review.editor.plan.tensors]
+        names = [t.name for t in self.session.plan.tensors]
         self.tensor = names[(names.index(self.tensor) + step) % len(names)]
 
     def action_edit(self) -> None:
-        t = self.review.editor.plan.tensor(self.tensor)
+        t = self.session.plan.tensor(self.tensor)
         field = "density" if t.contributions and t.op == OP_MERGE else "lambda"
-        self.review.open_edit(Prefill(field=field, pattern=self.tensor))
+        # This one tensor, chosen explicitly: a norm or bias too.
+        self.post_message(EditRequested(Prefill(field=field, pattern=self.tensor, vectors=True)))
 
 
-def render_tensor(app: "ReviewApp", name: str) -> Group:
-    editor = app.editor
+def render_tensor(session: Session, name: str) -> Group:
+    editor = session.editor
     plan = editor.plan
     t = plan.tensor(name)
     pn = parse_name(name)
@@ -100,7 +99,7 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
     if t.contributions:
         # One column per model, one row per fact: fits 80 columns with three or four models.
         cs = t.contributions
-        infos = {c.model: mask_info(t, c) for c in cs}
+        infos = {c.model: view.mask_info(c) for c in cs}
         tab = Table(box=None, padding=(0, 1),
                     header_style="bold")
         # Wrappable: a no_wrap column holding "overlap <a 1000-character model id>" would
@@ -121,11 +120,14 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
                               for c in cs))
         add_row(tab, "mask digest", *(text(infos[c.model].digest, style="bold yellow" if infos[c.model].recompute
                                           else "") for c in cs))
-        pm_stats = per_model_stats(t, models)
-        if "kept" not in pm_stats:  # the planner's measured kept fraction, when recorded, says more
-            add_row(tab, "kept", *(fmt_num(infos[c.model].kept, 3) + ("" if infos[c.model].exact else " (nominal)")
-                                   for c in cs))
-        ov = overlaps(t)
+        # Kept fractions as they stand: the planner's measurement while the mask is as
+        # planned, "at apply" once an edit changed it (never the stale number).
+        kept = {c.model: view.kept(t, c) for c in cs}
+        add_row(tab, "kept", *(text(kept[c.model].text(4) + ("" if kept[c.model].how in ("exact", "measured", view.AT_APPLY)
+                                                             else f" ({kept[c.model].how})"),
+                                    style="bold yellow" if kept[c.model].pending else "") for c in cs))
+        pm_stats = {k: v for k, v in per_model_stats(t, models).items() if k != "kept"}
+        ov = view.pair_overlaps(t)
         approx = False
         for other in cs:
             cells = []
@@ -133,9 +135,9 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
                 if c.model == other.model:
                     cells.append("—")
                     continue
-                v, exact = ov[(c.model, other.model)]
-                approx |= not exact
-                cells.append(("" if exact else "≈") + f"{v:.3f}")
+                st = ov[(c.model, other.model)]
+                approx |= st.how != "exact"
+                cells.append(("" if st.how == "exact" else "≈") + f"{st.value:.3f}")
             add_row(tab, f"overlap {other.model}", *cells)
         for key in sorted({k for c in cs for k in c.source}):
             add_row(tab, f"{key} set by", *(c.source.get(key, "—") for c in cs))
@@ -167,7 +169,8 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
             atext.append(f" {n}\n")
         parts.append(atext)
 
-    other = {k: v for k, v in t.stats.items() if k not in per_model_stats(t, models)}
+    now = view.tensor_stats(t)  # stale mask statistics are None: shown "at apply"
+    other = {k: (view.AT_APPLY if v is None else v) for k, v in now.items() if k not in per_model_stats(t, models)}
     if other:
         stab = Table(box=None, padding=(0, 1), header_style="bold")
         stab.add_column("statistic")
@@ -176,7 +179,7 @@ def render_tensor(app: "ReviewApp", name: str) -> Group:
             add_row(stab, k, v)
         parts.append(section("Tensor statistics", stab))
 
-    lrows = layer_stats(plan, name, len(app.grid_model.layers) and max(app.grid_model.layers) + 1)
+    lrows = layer_stats(plan, name, session.n_layers)
     if lrows:
         ltab = Table(box=None, padding=(0, 1),
                      header_style="bold")

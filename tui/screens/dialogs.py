@@ -46,16 +46,52 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(yes)
 
 
+class QuitScreen(ModalScreen["str | None"]):
+    """Unsaved edits at quit: dismisses with "save", "discard" or None (stay)."""
+
+    BINDINGS = [
+        Binding("s", "answer('save')", "Save and quit"),
+        Binding("d", "answer('discard')", "Discard"),
+        Binding("escape,c", "answer(None)", "Cancel"),
+    ]
+
+    def __init__(self, pending: int, path: str):
+        super().__init__(classes="dialog-screen")
+        self.pending = pending
+        self.path = path
+
+    def compose(self) -> ComposeResult:
+        n = self.pending
+        with Vertical(classes="dialog"):
+            yield Static(content(f"{n} edited value{'s' if n != 1 else ''} not saved to {self.path or 'a file'}.",
+                                 keep_newlines=True), classes="dialog-text")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Save (s)", variant="primary", id="save")
+                yield Button("Discard (d)", variant="error", id="discard")
+                yield Button("Cancel (Esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#save", Button).focus()  # Enter saves: the answer that loses nothing
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.dismiss(None if event.button.id == "cancel" else event.button.id)
+
+    def action_answer(self, choice: str | None) -> None:
+        self.dismiss(choice)
+
+
 class PathScreen(ModalScreen["str | None"]):
-    """Ask for a file path; dismisses with the path, or None on Escape."""
+    """Ask for a line of text (a file path, a tensor name); dismisses with it, or None on Escape."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, title: str, initial: str = "", hint: str = ""):
+    def __init__(self, title: str, initial: str = "", hint: str = "", empty: str = "give a file name"):
         super().__init__(classes="dialog-screen")
         self.title_text = title
         self.initial = initial
         self.hint = hint
+        self.empty = empty
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -71,7 +107,7 @@ class PathScreen(ModalScreen["str | None"]):
         event.stop()
         path = event.value.strip()
         if not path:
-            self.query_one("#path-hint", Static).update("give a file name")
+            self.query_one("#path-hint", Static).update(content(self.empty))
             return
         self.dismiss(path)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -12,30 +10,31 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from mergeplan.errors import MergeplanError
 from mergeplan.plan.codec import read_plan
-from mergeplan.plan.diff import diff_plans
+from mergeplan.plan.diff import diff_plans, summarize as summarize_diff
 from mergeplan.plan.names import parse_name
 
-from ..richtext import markup, text
+from ..keys import COMMON
+from ..messages import PlanChanged
+from ..richtext import markup, tell, text
+from ..session import Session
 from ..tensorinfo import summarize
 from .dialogs import PathScreen
-
-if TYPE_CHECKING:
-    from ..app import ReviewApp
 
 LOADED, OTHER = "loaded", "other"
 
 
 class DiffScreen(Screen):
     BINDINGS = [
+        *COMMON,
         Binding("t", "toggle", "Loaded/other", tooltip="switch between the plan as loaded and the other plan"),
         Binding("c", "compare", "Compare file", tooltip="choose another plan file to compare with"),
     ]
 
     against: reactive[str] = reactive(LOADED, init=False)
 
-    @property
-    def review(self) -> "ReviewApp":
-        return cast("ReviewApp", self.app)
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -45,38 +44,42 @@ class DiffScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_column("tensor / where", key="where")
-        table.add_column("model", key="model")
-        table.add_column("field", key="field")
-        table.add_column("old", key="old")
-        table.add_column("new", key="new")
-        if self.review.compare_plan is not None:
+        # Widths that fit 80 columns with the cell padding: old -> new gets what is left.
+        table.add_column("tensor / where", key="where", width=26)
+        table.add_column("model", key="model", width=7)
+        table.add_column("field", key="field", width=11)
+        table.add_column("old -> new", key="change")
+        if self.session.compare_plan is not None:
             self.set_reactive(DiffScreen.against, OTHER)
-        self.watch(self.review, "revision", self.refresh_rows, init=False)
         self.refresh_rows()
         table.focus()
 
     def watch_against(self) -> None:
         self.refresh_rows()
 
+    def on_plan_changed(self, message: PlanChanged) -> None:
+        self.refresh_rows()
+
     def refresh_rows(self) -> None:
-        app = self.review
-        if self.against == OTHER and app.compare_plan is not None:
-            base, label = app.compare_plan, app.compare_path
+        ses = self.session
+        if self.against == OTHER and ses.compare_plan is not None:
+            base, label = ses.compare_plan, ses.compare_path
         else:
-            base, label = app.editor.loaded, "as last saved" if app.saved_once else "as loaded"
-        rows = diff_plans(base, app.editor.plan)
+            base, label = ses.editor.loaded, "as last saved" if ses.saved_once else "as loaded"
+        rows = diff_plans(base, ses.plan)
         table = self.query_one(DataTable)
         table.clear()
         for i, r in enumerate(rows):
-            table.add_row(*(text(x) for x in (_short_name(r.where), r.model or "", r.field, _cell(r.old), _cell(r.new))),
-                          key=str(i))
+            table.add_row(*(text(x) for x in (_short_name(r.where), r.model or "", r.field,
+                                              f"{_cell(r.old)} -> {_cell(r.new)}")), key=str(i))
+        fields = ", ".join(f"{f.field} {f.values}" for f in summarize_diff(rows).fields[:3])
         # The path goes in as a variable: literal text, never markup (rich's escape() is not Textual's).
         self.query_one("#diff-bar", Static).update(
-            markup("[b]$n differences[/b]: $label (old) -> this plan (new)", n=len(rows), label=label))
+            markup("[b]$n differences[/b]: $label (old) -> this plan (new) · $fields", n=len(rows),
+                   fields=fields or "none", label=label))
 
     def action_toggle(self) -> None:
-        if self.review.compare_plan is None:
+        if self.session.compare_plan is None:
             self.action_compare()
             return
         self.against = LOADED if self.against == OTHER else OTHER
@@ -88,15 +91,15 @@ class DiffScreen(Screen):
             try:
                 plan = read_plan(path)
             except MergeplanError as e:
-                self.review.tell(str(e), severity="error", timeout=8)
+                tell(self, str(e), severity="error", timeout=8)
                 return
-            self.review.compare_plan = plan
-            self.review.compare_path = path
+            self.session.compare_plan = plan
+            self.session.compare_path = path
             if self.against == OTHER:
                 self.refresh_rows()
             self.against = OTHER
 
-        self.app.push_screen(PathScreen("Compare with plan file", self.review.compare_path or "",
+        self.app.push_screen(PathScreen("Compare with plan file", self.session.compare_path or "",
                                         "old = that file, new = this plan"), chosen)
 
 
@@ -111,5 +114,9 @@ def _short_name(where: str) -> str:
 
 
 def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
+        return v[:8]  # a mask digest: the prefix tells them apart
     text = summarize(v)
-    return text if len(text) <= 18 else text[:15] + "..."
+    return text if len(text) <= 14 else text[:11] + "..."

@@ -7,6 +7,7 @@ cannot, before applying; Apply stays disabled while the input is invalid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from textual import on
@@ -14,12 +15,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from mergeplan.errors import MergeplanError
 from mergeplan.plan.edit import MODEL_FIELDS, PlanEditor, Target, validate_value
+from mergeplan.plan.names import parse_name
 
 from ..gridmodel import GridModel
+from ..messages import Prefill
 from ..richtext import clean, content
 from ..selection import parse_selection
 
@@ -50,59 +53,67 @@ class EditRequest:
     summary: str
 
 
-@dataclass(frozen=True)
-class Prefill:
-    field: str = "density"
-    action: str = "set"
-    layers: str = ""
-    components: str = ""
-    pattern: str = ""
-    models: str = ""
-    value: str = ""
-
-
 def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers: str, components: str,
-             pattern: str, models: str, value: str) -> EditRequest:
-    """Resolve the form into an EditRequest or raise MergeplanError saying what is wrong."""
+             pattern: str, models: str, value: str, vectors: bool = False) -> EditRequest:
+    """Resolve the form into an EditRequest or raise MergeplanError saying what is wrong.
+
+    1-D tensors (norm weights, biases) are selected only with `vectors`: a box over the
+    projections must not change the norm between them. The summary names the components
+    and counts the tensors it changes, and how many 1-D tensors it leaves out.
+    """
     sel = parse_selection(layers, components, pattern, models, n_layers=len(gm.layers) and max(gm.layers) + 1,
                           known_components=gm.components, known_models=gm.models)
-    targets = editor.select(sel.layers, sel.components, sel.pattern, sel.models, field)
+    args = (sel.layers, sel.components, sel.pattern, sel.models, field)
+    targets = editor.select(*args, vectors=vectors)
+    left_out = 0 if vectors else len({t for t, _ in editor.select(*args, vectors=True)} - {t for t, _ in targets})
     if not targets:
-        raise MergeplanError(f"the selection holds no tensor with a {field}")
+        hint = f" ({_n(left_out, '1-D tensor')} left out: tick 1-D to include)" if left_out else ""
+        raise MergeplanError(f"the selection holds no tensor with a {field}{hint}")
     if field == "density":
         for t, m in targets:
             c = editor.plan.tensor(t).contribution(m)
             if c is not None and c.mask is not None and "bits" in c.mask:
                 raise MergeplanError(f"{t} [{m}]: explicit mask; its density is fixed by its bits")
     current = [editor.get(t, m, field) for t, m in targets]
-    tensors = len({t for t, _ in targets})
+    names = list(dict.fromkeys(t for t, _ in targets))
+    comps = sorted({parse_name(t).component for t in names},
+                   key=lambda c: gm.components.index(c) if c in gm.components else len(gm.components))
     per_model = field in MODEL_FIELDS
     nmodels = len({m for _, m in targets})
-    what = f"{_n(len(targets), 'value')}: {_n(tensors, 'tensor')}" + (f" x {_n(nmodels, 'model')}" if per_model else "")
+    what = (f"{field} of {_n(len(names), 'tensor')} ({', '.join(comps)})"
+            + (f" x {_n(nmodels, 'model')}" if per_model else ""))
+    if left_out:
+        what += f"; {_n(left_out, '1-D tensor')} left out"
     now = _span(current)
     v: float | None = None
     if action in ("set", "scale") and not value.strip():
-        raise FormError(f"type the {'new value' if action == 'set' else 'factor'}", f"{what}; {field} now {now}")
+        raise FormError(f"{field}: type the {'new value' if action == 'set' else 'factor'}", f"{what}; now {now}")
     if action == "set":
         try:
             v = validate_value(field, value)
         except MergeplanError as e:
-            raise FormError(str(e), f"{what}; {field} now {now}") from None
-        summary = f"{what}; {field} {now} -> {v:g}"
+            raise FormError(str(e), f"{what}; now {now}") from None
+        summary = f"{what}: {now} -> {v:g}"
     elif action == "scale":
         try:
-            v = validate_value("weight", value)  # any finite factor; the results are checked next
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+        except ValueError:
+            raise FormError(f"{field}: the scale factor must be a finite number, got {value!r}",
+                            f"{what}; now {now}") from None
+        try:
             for (t, m), cur in zip(targets, current):
                 try:
                     validate_value(field, cur * v)
                 except MergeplanError as e:
                     raise MergeplanError(f"{e} at {t}" + (f" [{m}]" if m else "")) from None
         except MergeplanError as e:
-            raise FormError(str(e), f"{what}; {field} now {now}") from None
-        summary = f"{what}; {field} {now} -> {_span([c * v for c in current])}"
+            raise FormError(str(e), f"{what}; now {now}") from None
+        summary = f"{what}: {now} -> {_span([c * v for c in current])}"
     elif action == "reset":
         differ = sum(editor.planned(t, m, field) != c for (t, m), c in zip(targets, current))
-        summary = f"{what}; {differ} differ from the plan as loaded and go back"
+        summary = f"{what}: {differ} differ from the plan as loaded and go back"
     else:
         raise MergeplanError(f"unknown action {action!r}")
     return EditRequest(action, field, targets, v, summary)
@@ -153,6 +164,8 @@ class EditScreen(ModalScreen["EditRequest | None"]):
                             id="models")
                 yield Label("Value")
                 yield Input(p.value, placeholder=_HINT[p.action], compact=True, id="value")
+                yield Label("1-D")
+                yield Checkbox("also norm weights and biases", p.vectors, compact=True, id="vectors")
             yield Static("", id="edit-preview")
             yield Static("", id="edit-error")
             with Horizontal(classes="dialog-buttons"):
@@ -165,6 +178,7 @@ class EditScreen(ModalScreen["EditRequest | None"]):
 
     @on(Input.Changed)
     @on(Select.Changed)
+    @on(Checkbox.Changed)
     def _changed(self, event) -> None:
         event.stop()
         self._revalidate()
@@ -183,7 +197,8 @@ class EditScreen(ModalScreen["EditRequest | None"]):
         error = self.query_one("#edit-error", Static)
         try:
             self.request = evaluate(self.editor, self.gm, action, field, text["layers"], text["components"],
-                                    text["pattern"], text["models"] if field in MODEL_FIELDS else "", text["value"])
+                                    text["pattern"], text["models"] if field in MODEL_FIELDS else "", text["value"],
+                                    self.query_one("#vectors", Checkbox).value)
         except MergeplanError as e:
             # Literal: errors quote what was typed, tensor names and model ids ("t [math]"
             # read as markup dropped the model; a typed "[/b]" raised MarkupError).

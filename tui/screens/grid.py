@@ -1,30 +1,33 @@
-"""Layer grid screen: the heatmap, per-model sparklines across layers, and the cell under
-the cursor; mark a rectangle with Space to edit a range."""
+"""Layer grid screen: the heatmap with its legend, per-model sparklines across layers, and
+the cell under the cursor; mark a rectangle with Space to edit a range; / and g jump."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from fnmatch import fnmatch
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
-from ..gridmodel import ROW_EMBED, ROW_HEAD, Quantity
-from ..richtext import clean, markup
+from mergeplan.plan import view
+
+from ..gridmodel import ROW_EMBED, ROW_HEAD, PALETTE, Quantity
+from ..keys import COMMON
+from ..messages import EditRequested, OpenTensor, PlanChanged, Prefill
+from ..richtext import clean, tell
 from ..selection import GROUPS, format_layers
+from ..session import Session
 from ..widgets.layerbars import LayerBars
 from ..widgets.plangrid import PlanGrid
 from ..widgets.statusline import StatusLine
-from .edit import Prefill
-
-if TYPE_CHECKING:
-    from ..app import ReviewApp
 
 
 class GridScreen(Screen):
     BINDINGS = [
+        *COMMON,
         Binding("e", "edit", "Edit", tooltip="set / scale / reset the marked cells (or the cursor cell)"),
         Binding("space", "mark", "Mark", tooltip="start (or drop) a marked box; it runs to the cursor"),
         Binding("escape", "clear_mark", "Unmark", show=False, tooltip="drop the marked box"),
@@ -32,6 +35,8 @@ class GridScreen(Screen):
                 tooltip="next shown quantity: density, weight, lambda, AIM omega, mean AIM factor, statistics"),
         Binding("V", "quantity(-1)", "Prev quantity", show=False, tooltip="previous shown quantity"),
         Binding("m", "models", "Models", tooltip="all task models side by side, or one at a time"),
+        Binding("slash", "find", "Find", key_display="/", tooltip="jump to a tensor by (part of) its name"),
+        Binding("g", "goto_layer", "Layer", show=False, tooltip="jump to a layer (number, emb or head)"),
     ]
 
     quantity_index: reactive[int] = reactive(0, init=False)
@@ -40,25 +45,27 @@ class GridScreen(Screen):
     # (row index, column index) where Space was pressed; the selection runs to the cursor.
     anchor: reactive[tuple[int, int] | None] = reactive(None, init=False)
 
-    @property
-    def review(self) -> "ReviewApp":
-        return cast("ReviewApp", self.app)
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
+        self.gm = session.grid
+        self.quantities = self.gm.quantities()
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="grid-bar")
         yield LayerBars(id="bars")
-        yield PlanGrid(self.review.grid_model, self.review.editor, id="grid")
+        yield PlanGrid(self.gm, self.session.editor, id="grid")
         yield StatusLine(id="cell-info")
         yield Footer(compact=True)
 
     async def on_mount(self) -> None:
-        self.quantities = self.review.grid_model.quantities()
-        self.watch(self.review, "revision", self._plan_changed, init=False)
+        # The most informative view for this plan: a guide's decision (AIM factors, LEWIS densities...).
+        self.set_reactive(GridScreen.quantity_index, self.gm.initial_quantity())
         await self._redraw()
         grid = self.query_one(PlanGrid)
         # Start on the first decoder layer's first component rather than the embeddings.
-        gm = self.review.grid_model
+        gm = self.gm
         if gm.layers:
             row = gm.rows.index(gm.layers[0])
             col = next((i for i, (c, _) in enumerate(grid.col_keys)
@@ -78,19 +85,31 @@ class GridScreen(Screen):
         grid = self.query_one(PlanGrid)
         grid.show(q, self._models())
         self._update_selection()
-        gm = self.review.grid_model
+        gm = self.gm
         series_models = (self._models() or gm.models) if q.per_model else [None]
-        series = [(m or "tensors", gm.series(q, m), gm.layers) for m in series_models]
+        series = [(m or "tensors", gm.series(q, m, grid.values), gm.layers) for m in series_models]
         await self.query_one(LayerBars).update_series(series)
-        shown = "all models" if not q.per_model or not self.model_filter else self.model_filter
-        if not q.per_model:
-            shown = "per tensor"
-        # A statistic's label and a model id come from the plan: variables, inserted literally.
-        self.query_one("#grid-bar", Static).update(markup(
-            "[b]$label[/b] · $shown · $scale", label=q.label, shown=shown,
-            scale=f"scale {grid.value_range[0]:.3g}..{grid.value_range[1]:.3g}" + ("" if q.field else " · read-only"),
-        ))
+        self.query_one("#grid-bar", Static).update(self._legend(q, grid.value_range))
         self._update_cell_info()
+
+    def _legend(self, q: Quantity, scale: tuple[float, float]) -> Text:
+        """`label · models  lo ▇▇▇▇▇▇▇▇▇ hi  * edited ? at apply`: what the colours mean."""
+        shown = "per tensor" if not q.per_model else (self.model_filter or "all models")
+        bar = Text()
+        bar.append(clean(q.label), style="bold")
+        bar.append(f" · {clean(shown)} · {scale[0]:.3g} ")
+        for colour in PALETTE:
+            bar.append("█", style=colour)
+        bar.append(f" {scale[1]:.3g}  * edited")
+        if q.key.startswith("stat:"):
+            bar.append("  ? at apply")
+        if not q.field:
+            bar.append("  read-only")
+        if q.per_model and not self.model_filter and len(self.gm.models) > 1:
+            bar.append("  m: one model")
+        bar.no_wrap = True
+        bar.overflow = "ellipsis"
+        return bar
 
     async def watch_quantity_index(self) -> None:
         await self._redraw()
@@ -103,7 +122,7 @@ class GridScreen(Screen):
         self._update_selection()
         self._update_cell_info()
 
-    async def _plan_changed(self) -> None:
+    async def on_plan_changed(self, message: PlanChanged) -> None:
         await self._redraw()
 
     # -- selection ----------------------------------------------------------------------
@@ -134,19 +153,21 @@ class GridScreen(Screen):
             return
         row, comp, model = cell
         q = self.quantity
-        name = self.review.grid_model.tensor_at(row, comp)
-        where = f"{self.review.grid_model.row_label(row)} {comp}" + (f" [{model}]" if model else "")
+        name = self.gm.tensor_at(row, comp)
+        where = f"{self.gm.row_label(row)} {comp}" + (f" [{model}]" if model else "")
         if name is None:
             text = f"{where}: no tensor"
         else:
-            v = self.review.grid_model.value(name, q, model)
-            t = self.review.editor.plan.tensor(name)
-            if v is None:
+            v = self.gm.value(name, q, model)
+            t = self.session.plan.tensor(name)
+            if v is None and self.gm.pending(name, q, model):
+                text = f"{where} {q.label} {view.AT_APPLY} (an edit changed the mask it measured)"
+            elif v is None:
                 text = f"{where}: no {q.label}" + (f" (copied from {t.source})" if t.source else "")
             else:
                 text = f"{where} {q.label} {v:.4g}"
             if q.field and v is not None:
-                planned = self.review.editor.planned(name, model if q.per_model else None, q.field)
+                planned = self.session.editor.planned(name, model if q.per_model else None, q.field)
                 if planned != v:
                     text += f" (planned {planned:.4g})"
         box = self._selection_box()
@@ -155,9 +176,11 @@ class GridScreen(Screen):
         info.text = clean(text)
 
     def selection_prefill(self) -> Prefill:
-        """The marked box (or the cursor cell) as edit-screen fields."""
+        """The marked box (or the cursor cell) as edit-screen fields. Norm columns inside a
+        wider box are left out: a box over q..down means the projections, not the norm
+        between them (a box of norm columns alone selects them, with 1-D tensors on)."""
         grid = self.query_one(PlanGrid)
-        gm = self.review.grid_model
+        gm = self.gm
         q = self.quantity
         field = q.field or ("omega" if q.key == "aim" else "density")
         if grid.cursor_cell() is None:  # nothing shown (no task models / tensors): an empty form
@@ -168,6 +191,10 @@ class GridScreen(Screen):
         rows = [gm.rows[r] for r in rows_i]
         cols = [grid.col_keys[c] for c in cols_i]
         comps = sorted({c for c, _ in cols}, key=gm.components.index)
+        vector_comps = [c for c in comps if gm.is_vector_component(c)]
+        vectors = bool(comps) and len(vector_comps) == len(comps)
+        if not vectors:
+            comps = [c for c in comps if c not in vector_comps]
         models = sorted({m for _, m in cols if m}, key=gm.models.index)
         layer_rows = [r for r in rows if isinstance(r, int)]
         pattern = ""
@@ -177,12 +204,14 @@ class GridScreen(Screen):
             names = [n for n in names if n]
             if not layer_rows and len(names) == 1:
                 pattern = names[0]
+                vectors = view.is_vector(self.session.plan.tensor(pattern))
         return Prefill(
             field=field,
             layers=format_layers(layer_rows) if layer_rows else "",
             components=",".join(comps) if (layer_rows or not pattern) else "",
             pattern=pattern,
             models=",".join(models) if models and set(models) != set(gm.models) else "",
+            vectors=vectors,
         )
 
     # -- actions ------------------------------------------------------------------------
@@ -190,7 +219,7 @@ class GridScreen(Screen):
         self.quantity_index = (self.quantity_index + step) % len(self.quantities)
 
     def action_models(self) -> None:
-        options: list[str | None] = [None, *self.review.grid_model.models]
+        options: list[str | None] = [None, *self.gm.models]
         self.model_filter = options[(options.index(self.model_filter) + 1) % len(options)]
 
     def action_mark(self) -> None:
@@ -204,7 +233,54 @@ class GridScreen(Screen):
         self.anchor = None
 
     def action_edit(self) -> None:
-        self.review.open_edit(self.selection_prefill())
+        self.post_message(EditRequested(self.selection_prefill()))
 
     def on_plan_grid_tensor_chosen(self, event: PlanGrid.TensorChosen) -> None:
-        self.review.open_detail(event.tensor)
+        event.stop()
+        self.post_message(OpenTensor(event.tensor))
+
+    # -- jumps ----------------------------------------------------------------------------
+    def action_find(self) -> None:
+        from .dialogs import PathScreen
+
+        self.app.push_screen(PathScreen("Jump to tensor", "", "name, part of it or a glob; Enter jumps, Esc cancels",
+                                        empty="type part of a tensor name"), self.find)
+
+    def find(self, text: str | None) -> None:
+        if not text:
+            return
+        names = [t.name for t in self.session.plan.tensors]
+        low = text.lower()
+        name = next((n for n in names if n == text), None) or next((n for n in names if low in n.lower()), None) \
+            or next((n for n in names if fnmatch(n, text)), None)
+        if name is None:
+            tell(self, f"no tensor name has {text!r}", severity="warning", timeout=4)
+            return
+        grid = self.query_one(PlanGrid)
+        row = view.row_of(name)
+        comp = next(c for r, c in self.gm.cell_tensors if r == row and name in self.gm.cell_tensors[(r, c)])
+        model = grid.col_keys[grid.cursor[1]][1] if grid.col_keys else None
+        col = next((i for i, k in enumerate(grid.col_keys) if k == (comp, model)),
+                   next((i for i, (c, _) in enumerate(grid.col_keys) if c == comp), None))
+        if col is not None:
+            grid.move_cursor(self.gm.rows.index(row), col)
+        if col is None or self.gm.tensor_at(row, comp) != name:
+            self.post_message(OpenTensor(name))  # a bias behind its weight's cell: show it
+
+    def action_goto_layer(self) -> None:
+        from .dialogs import PathScreen
+
+        last = self.gm.layers[-1] if self.gm.layers else 0
+        self.app.push_screen(PathScreen("Jump to layer", "", f"0-{last}, emb or head; Enter jumps, Esc cancels",
+                                        empty="type a layer number"), self.goto_layer)
+
+    def goto_layer(self, text: str | None) -> None:
+        if not text:
+            return
+        key = text.strip().lower().lstrip("l")
+        row = int(key) if key.isdigit() else {"emb": ROW_EMBED, "head": ROW_HEAD}.get(text.strip().lower())
+        if row not in self.gm.rows:
+            tell(self, f"no layer {text!r} in this plan", severity="warning", timeout=4)
+            return
+        grid = self.query_one(PlanGrid)
+        grid.move_cursor(self.gm.rows.index(row), grid.cursor[1])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
-
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -14,19 +12,21 @@ from textual.widgets import Footer, Header, Static
 
 from mergeplan.plan.model import OP_MERGE
 
+from ..keys import COMMON
+from ..messages import PlanChanged, StatusChanged
 from ..richtext import add_row, section, text
+from ..session import Session
 from ..tensorinfo import flatten_stats, summarize
-
-if TYPE_CHECKING:
-    from ..app import ReviewApp
 
 _STATUS_STYLE = {"found": "green", "changed": "bold red", "missing": "yellow"}
 
 
 class OverviewScreen(Screen):
-    @property
-    def review(self) -> "ReviewApp":
-        return cast("ReviewApp", self.app)
+    BINDINGS = COMMON
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -35,13 +35,17 @@ class OverviewScreen(Screen):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        for attr in ("revision", "model_status", "file_digest"):
-            self.watch(self.review, attr, self._render_body, init=False)
         self._render_body()
         self.query_one("#overview-scroll").focus()
 
+    def on_plan_changed(self, message: PlanChanged) -> None:
+        self._render_body()
+
+    def on_status_changed(self, message: StatusChanged) -> None:
+        self._render_body()
+
     def _render_body(self) -> None:
-        self.query_one("#overview-body", Static).update(render_overview(self.review))
+        self.query_one("#overview-body", Static).update(render_overview(self.session))
 
 
 def _kv_table(title: str, rows: list[tuple[str, str]]) -> Group:
@@ -57,19 +61,19 @@ def _kv_table(title: str, rows: list[tuple[str, str]]) -> Group:
     return section(title, tab)
 
 
-def render_overview(app: "ReviewApp") -> Group:
-    plan = app.editor.plan
+def render_overview(session: Session) -> Group:
+    plan = session.plan
     merged = sum(t.op == OP_MERGE for t in plan.tensors)
-    layers = app.grid_model.layers
+    layers = session.grid.layers
     rows = [
-        ("file", app.editor.path or "(unsaved)"),
+        ("file", session.editor.path or "(unsaved)"),
         ("method", plan.method + (" · " + ", ".join(f"{k}={summarize(v)}" for k, v in sorted(plan.params.items()))
                                   if plan.params else "")),
         ("seed", str(plan.seed)),
         ("out dtype", plan.out_dtype or "as inputs"),
         ("tensors", f"{len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied) · "
                     f"{len(layers)} layers"),
-        ("digest", app.file_digest or "computing..."),
+        ("digest", session.file_digest or "(not saved yet)"),
         ("created", f"{plan.created or '?'} by mergeplan {plan.mergeplan_version or '?'}"),
     ]
     if plan.recipe.get("path"):
@@ -81,7 +85,7 @@ def render_overview(app: "ReviewApp") -> Group:
     for col in ("id", "role", "path", "on this machine"):
         mtab.add_column(col)  # wrappable: see _kv_table
     for m in plan.models:
-        status = app.model_status.get(m.id, "checking...")
+        status = session.model_status.get(m.id, "checking...")
         # A status quotes paths and errors from the model directory: cleaned like plan text.
         add_row(mtab, m.id, m.role, m.path, text(status, style=_STATUS_STYLE.get(status.split(" ")[0].rstrip(":"), "")))
     parts.append(section("Models", mtab))
@@ -98,7 +102,7 @@ def render_overview(app: "ReviewApp") -> Group:
         # Notes are free text: their line breaks are meant; other control characters are not.
         parts.append(_kv_table("Notes", [("-", text(n, keep_newlines=True)) for n in plan.notes]))
 
-    pending = app.pending_count
+    pending = session.pending_count
     htab = Table(box=None, padding=(0, 1),
                  header_style="bold")
     for col in ("when", "tool", "changes"):

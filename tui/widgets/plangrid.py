@@ -24,7 +24,7 @@ from textual.strip import Strip
 from mergeplan.plan.edit import PlanEditor
 
 from ..gridmodel import GridModel, Quantity, RowKey, fmt_cell, heat, short_component, value_range
-from ..richtext import fit
+from ..richtext import clean, fit
 
 CELL_WIDTH = 5  # 4 characters of value, then the edited marker (or a space, which separates cells)
 LABEL_WIDTH = 5  # "L79 " / "head "
@@ -80,6 +80,7 @@ class PlanGrid(ScrollView, can_focus=True):
         self.quantity: Quantity | None = None
         self.col_keys: list[ColumnKey] = []
         self.value_range: tuple[float, float] = (0.0, 1.0)
+        self.values: dict = {}  # (row, component, model) -> the value shown
         self.cursor: tuple[int, int] = (0, 0)
         self._selected: set[tuple[int, int]] = set()
         # Per row, per column: (text, style without cursor/selection decoration).
@@ -93,7 +94,7 @@ class PlanGrid(ScrollView, can_focus=True):
         old_cols, (row, col) = self.col_keys, self.cursor
         self.quantity = q
         self.col_keys = self.gm.columns(q, models)
-        values = self.gm.values(q, models)
+        self.values = values = self.gm.values(q, models)
         self._off_scale = {key for key, v in values.items() if v is not None and
                            not self.gm.on_scale(self.gm.tensor_at(key[0], key[1]), q, key[2])}
         self.value_range = value_range(v for key, v in values.items() if key not in self._off_scale)
@@ -101,13 +102,10 @@ class PlanGrid(ScrollView, can_focus=True):
         self._cells = [
             [self._cell(r, comp, m, values[(r, comp, m)], empty) for comp, m in self.col_keys] for r in self.gm.rows
         ]
-        top, names, prev = [], [], object()
-        for comp, m in self.col_keys:
-            # Segments go to the terminal as they are: model ids and raw module names are
-            # cleaned of control characters and cut by cells, not characters.
-            top.append(fit(m or "", CELL_WIDTH) if m != prev else "")
-            prev = m
-            names.append(fit(short_component(comp), CELL_WIDTH))
+        # Segments go to the terminal as they are: model ids and raw module names are
+        # cleaned of control characters and cut by cells, not characters.
+        top = [clean(m or "") for _, m in self.col_keys]
+        names = [fit(short_component(comp), CELL_WIDTH) for comp, _ in self.col_keys]
         self._header = (top, names)
         self.virtual_size = Size(LABEL_WIDTH + CELL_WIDTH * len(self.col_keys), HEADER_HEIGHT + len(self.gm.rows))
         if 0 <= col < len(old_cols) and old_cols[col] in self.col_keys:
@@ -129,11 +127,14 @@ class PlanGrid(ScrollView, can_focus=True):
         name = self.gm.tensor_at(row, comp)
         field = q.field or ("omega" if q.key == "aim" else None)
         edited = False
-        if name is not None and field is not None and v is not None:
+        # Nothing differs from the plan as loaded until the editor copied it (first edit).
+        if name is not None and field is not None and v is not None and self.editor.loaded is not self.editor.plan:
             m = model if q.per_model else None
             edited = self.editor.get(name, m, field) != self.editor.planned(name, m, field)
         colours = None if (row, comp, model) in self._off_scale else heat(v, *self.value_range)
         style = Style(bgcolor=colours[0], color=colours[1]) if colours else empty
+        if v is None and name is not None and self.gm.pending(name, q, model):
+            return "?".rjust(CELL_WIDTH - 1) + " ", empty  # a statistic an edit made stale: known at apply
         return fmt_cell(v) + ("*" if edited else " "), style
 
     # -- cursor ---------------------------------------------------------------------------
@@ -277,12 +278,28 @@ class PlanGrid(ScrollView, can_focus=True):
         header = self.get_component_rich_style("plangrid--header")
         cursor_col = self.cursor[1]
         cursor_style = self.get_component_rich_style("plangrid--cursor")
-        texts = self._header[y]
         c0, off = divmod(sx, CELL_WIDTH)
         body_w = max(0, width - LABEL_WIDTH)
-        c1 = min(len(texts), c0 + (body_w + off) // CELL_WIDTH + 1)
-        segs = [Segment(set_cell_size(texts[c], CELL_WIDTH), cursor_style if (y == 1 and c == cursor_col)
-                        else header) for c in range(c0, c1)]
-        body = Strip(segs).crop(off, off + body_w)
+        c1 = min(len(self.col_keys), c0 + (body_w + off) // CELL_WIDTH + 1)
+        if y == 0:
+            # Model names, sticky: each over the visible part of its run of columns, so the
+            # model stays named however far the grid scrolls sideways.
+            models = self._header[0]
+            segs, x, c = [], 0, c0
+            while c < c1:
+                end = c
+                while end < len(models) and models[end] == models[c]:
+                    end += 1
+                x_end = min(body_w, end * CELL_WIDTH - sx)
+                span = x_end - x
+                if span > 0:
+                    segs.append(Segment(set_cell_size(fit(models[c], max(0, span - 1)), span), header))
+                x, c = x_end, end
+            body = Strip(segs)
+        else:
+            texts = self._header[1]
+            segs = [Segment(set_cell_size(texts[c], CELL_WIDTH), cursor_style if c == cursor_col else header)
+                    for c in range(c0, c1)]
+            body = Strip(segs).crop(off, off + body_w)
         label = Segment(" " * LABEL_WIDTH, header)
         return Strip([label, *body], LABEL_WIDTH + body.cell_length).adjust_cell_length(width, header)

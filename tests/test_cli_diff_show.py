@@ -1,0 +1,124 @@
+"""`diff`, `show` and `review` as a user at an 80-column terminal (or a pipe) meets them:
+the diff summary fits the width it is given, `show` never prints a statistic an edit made
+stale, -h and flags work on every command, and the review's check of the inputs reads
+shard headers without importing torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from cli_helpers import run_cli
+from mergeplan.plan import PlanEditor, write_plan
+from plan_factory import make_plan
+
+COMMANDS = ("plan", "apply", "show", "validate", "diff", "review")
+
+
+def _edited_pair(tmp_path):
+    a, b = tmp_path / "a.plan", tmp_path / "b.plan"
+    plan = make_plan(layers=6)
+    for t in plan.tensors:  # what the planner records: kept fractions and the masks' overlap
+        if t.contributions and t.contributions[0].mask:
+            t.stats.update({"kept": {c.model: c.density for c in t.contributions}, "overlap": 0.125})
+    write_plan(plan, a)
+    ed = PlanEditor(plan)
+    ed.scale(ed.select(layers=range(0, 4), field="density", vectors=False), "density", 0.5)
+    ed.set(ed.select(layers=[5], field="weight"), "weight", 0.75)
+    ed.save(str(b))
+    return a, b
+
+
+def _diff(a, b, *args, env_columns=None):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    if env_columns:
+        env["COLUMNS"] = str(env_columns)
+    r = subprocess.run([sys.executable, "-m", "mergeplan.cli", "diff", str(a), str(b), *args],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    return r.stdout
+
+
+def test_diff_summary_fits_the_pipe_width_and_names_layers_and_fields(tmp_path):
+    a, b = _edited_pair(tmp_path)
+    for columns, width in ((None, 80), (60, 60), (120, 120)):
+        out = _diff(a, b, env_columns=columns)
+        lines = out.splitlines()
+        assert max(len(line) for line in lines[1:]) <= width, (columns, out)
+        # layers 0-3 had 7 projections x 2 models halved (density) and their digests dropped
+        row = next(line for line in lines if line.startswith("L0-3 "))
+        assert row.split()[1:] == ["·", *["4"] * (len(row.split()) - 2)]
+        dens = next(line for line in lines if line.startswith("density "))
+        assert dens.split()[1:3] == ["56", "28"]  # 28 tensors x 2 models
+        assert "model.layers" not in out  # the tensor list is behind --tensors
+    out = _diff(a, b, "--tensors")
+    assert "model.layers.3.mlp.down_proj.weight\n  math  density: " in out
+    assert "model.layers.4." not in out
+
+
+def test_show_marks_stale_kept_and_overlap_at_apply(tmp_path, capsys):
+    _, b = _edited_pair(tmp_path)
+    code, out, err = run_cli(capsys, "show", b)
+    assert code == 0, err
+    kept = out[out.index("kept per layer"):]
+    assert "at apply" in kept.splitlines()[4]  # layer 0: the masks were edited
+    code, out, _ = run_cli(capsys, "show", b, "--json")
+    data = json.loads(out)
+    layers = {r["layer"]: r for r in data["layers"]}
+    assert layers[0]["kept:math"] is None and "kept:math" in layers[0]["at_apply"] and layers[0]["overlap"] is None
+    # layer 4 was not edited: the planner's kept fractions hold (mean of the recorded values)
+    recorded = [t for t in make_plan(layers=6).tensors if ".layers.4." in t.name and t.contributions[0].mask]
+    assert layers[4]["kept:math"] == np.mean([t.contribution("math").density for t in recorded])
+    t = next(t for t in data["tensors"] if t["name"] == "model.layers.0.mlp.up_proj.weight")
+    assert t["stats"]["kept"] == {"math": None, "code": None} and t["stats"]["overlap"] is None
+
+
+def test_every_command_takes_h_and_flags_print_as_flags(capsys):
+    for cmd in COMMANDS:
+        code, out, _ = run_cli(capsys, cmd, "-h")
+        assert code == 0 and "Usage" in out and "-h, --help" in out, cmd
+        assert "<bool>" not in out and "BOOLEAN" not in out, (cmd, out)
+    code, out, _ = run_cli(capsys, "show", "-h")
+    assert "--json " in out and "--tensors " in out
+
+
+PROBE = """
+import sys
+from mergeplan_tui.fingerprint import make_checker
+from mergeplan.plan.codec import read_plan
+plan = read_plan(sys.argv[1])
+print(make_checker(plan, sys.argv[1])(plan.models[0]))
+print(",".join(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
+"""
+
+
+def test_review_model_check_reads_headers_without_torch(tmp_path):
+    from safetensors.numpy import save_file
+
+    from mergeplan.io.modeldir import ModelDir
+
+    d = tmp_path / "base"
+    d.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": np.ones((4, 4), dtype=np.float32)}, str(d / "model.safetensors"))
+    plan = make_plan(layers=1)
+    with ModelDir.open(d, name="base") as md:
+        plan.models[0].fingerprint = md.fingerprint()
+    write_plan(plan, tmp_path / "p.plan")
+    r = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "p.plan")], capture_output=True, text=True,
+                       timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    status, heavy = r.stdout.split("\n")[:2]
+    assert status == "found" and heavy == "", r.stdout
+
+
+def test_show_prints_the_digest_read_with_the_plan(tmp_path, capsys):
+    from mergeplan.plan.codec import plan_digest, read_plan_with_digest
+
+    a, _ = _edited_pair(tmp_path)
+    plan, digest = read_plan_with_digest(a)
+    assert digest == plan_digest(plan)  # checked while decoding: no need to re-encode
+    code, out, _ = run_cli(capsys, "show", a, "--json")
+    assert json.loads(out)["digest"] == digest

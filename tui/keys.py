@@ -1,0 +1,12 @@
+"""Keys every full screen lists first in its footer, so that Save, Help and Quit stay
+visible however narrow the terminal (Textual's footer cuts entries from the right)."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+
+COMMON = [
+    Binding("s,ctrl+s", "app.save", "Save", tooltip="write the plan in place (atomically), logging the edits"),
+    Binding("question_mark,f1", "app.help", "Help", tooltip="this list of keys"),
+    Binding("q", "app.quit", "Quit", tooltip="quit; offers to save unsaved edits"),
+]
