@@ -14,22 +14,17 @@ import numpy as np
 
 from mergeplan.plan.edit import FIELDS, get_value
 from mergeplan.plan.model import OP_MERGE, Plan, TensorPlan
-from mergeplan.plan.names import COMPONENTS, parse_name
+from mergeplan.arch import component_key, short_label
+from mergeplan.plan.names import parse_name
 
 ROW_EMBED = "emb"  # tensors outside the decoder blocks that feed them (embeddings)
 ROW_HEAD = "head"  # tensors outside the blocks after them (final norm, lm_head, others)
 RowKey = Union[int, str]
 
 _EMBED_COMPONENTS = {"embed", "embed_pos"}
-# Column headers are 5 cells wide; long component labels get a short form.
-_SHORT = {
-    "input_norm": "in_n", "post_norm": "post", "lm_head": "head", "embed": "emb",
-    "embed_pos": "pos", "gate_up": "g_up", "q_norm": "q_n", "k_norm": "k_n",
-}
-
-
+# Column headers are 5 cells wide; long component labels get a short form (mergeplan.arch).
 def short_component(comp: str) -> str:
-    return _SHORT.get(comp, comp[:5])
+    return short_label(comp)
 
 
 @dataclass(frozen=True)
@@ -92,8 +87,7 @@ class GridModel:
             rows.append(ROW_HEAD)
         self.rows = rows
         self.layers = sorted(layers)
-        order = {c: i for i, c in enumerate(COMPONENTS)}
-        self.components = sorted(comps, key=lambda c: (order.get(c, len(order)), c))
+        self.components = sorted(comps, key=component_key)
         self._score_mean: dict[str, float | None] = {}
         self._stat_kinds = self._find_stats()
 

@@ -43,6 +43,9 @@ def decide(
     notes: list[str] = []
     names, mean_f, min_f = [], [], []
     for module, (tensor, axis, length) in sites.items():
+        if module not in mean_abs:
+            notes.append(f"aim: no calibration token reached {module} (an expert the router never chose); not relaxed")
+            continue
         s = mean_abs[module]
         if s.shape[0] != length:
             notes.append(f"aim: {module} sees {s.shape[0]} input channels but its weight has {length}; not relaxed")

@@ -38,6 +38,8 @@ from mergeplan.calibrate.modules import (
     check_names,
     decoder_layers,
     linear_sites,
+    site_module,
+    site_modules,
     stored_tensor_names,
     weighted_sites,
 )
@@ -120,7 +122,7 @@ class _LogitBook:
 
 
 def _weights_of(model: torch.nn.Module, sites: Mapping[str, Site]) -> dict[str, torch.nn.Module]:
-    return {n: model.get_submodule(n) for n in sites}
+    return site_modules(model, sites)
 
 
 def run_guides(
@@ -209,6 +211,8 @@ class _Run:
         self.ft_stats: dict[str, ActivationStats] = {}
         self.sens_S: dict[str, dict[str, float]] = {}
         self.tensor_groups: dict[str, str] = {}
+        self.param_groups: dict[str, str] = {}
+        self.expert_tensors: dict[str, str] = {}  # expert site -> stored weight (MoE models)
         self.book: _LogitBook | None = None
 
     # -- helpers -------------------------------------------------------------------------
@@ -238,16 +242,17 @@ class _Run:
         try:
             sites: dict[str, Site] = {}
             if o.lewis:
-                self.lin = linear_sites(model)
+                self.lin = linear_sites(model, self.stored)
                 sites.update(self.lin)
             if o.aim:
-                wsites, wnotes = weighted_sites(model)
+                wsites, wnotes = weighted_sites(model, self.stored)
                 self.notes.extend(wnotes)
                 sites.update(wsites)
                 self.aim_sites = {
-                    n: (s.tensor, s.axis, model.get_submodule(n).weight.shape[s.axis]) for n, s in wsites.items()
+                    n: (s.tensor, s.axis, site_module(model, s).weight.shape[s.axis]) for n, s in wsites.items()
                 }
             check_names(sites, self.stored, Path(base.path))
+            self.expert_tensors = {n: s.tensor for n, s in sites.items() if s.expert is not None}
             prune = bool(o.lewis and o.lewis.wanda_prune)
             for src in dict.fromkeys(aim_srcs + lewis_srcs):
                 kinds = tuple(k for k, on in (("abs", src in aim_srcs), ("sq", src in lewis_srcs and not prune)) if on)
@@ -262,7 +267,7 @@ class _Run:
                 if "sq" in kinds:
                     self.base_sq[src] = st
             if o.lewis:
-                col_sq = {n: column_sq_norms(model.get_submodule(n).weight, s.axis) for n, s in self.lin.items()}
+                col_sq = {n: column_sq_norms(site_module(model, s).weight, s.axis) for n, s in self.lin.items()}
                 for src in lewis_srcs:
                     self.base_col_sq[src] = col_sq
             if prune:
@@ -287,10 +292,14 @@ class _Run:
             )
 
     def _groups(self, model: torch.nn.Module, S: dict[str, float]) -> dict[str, str]:
-        """Stored tensor -> Sens layer group; a tied head joins the embeddings' group."""
+        """Stored tensor -> Sens layer group; a tied head joins the embeddings' group. Also sets
+        param_groups (loaded parameter -> group), which may differ from the stored names
+        (GPT-NeoX's head, transformers 5's fused experts: see mergeplan/arch.py)."""
         head, emb = model.get_output_embeddings(), model.get_input_embeddings()
         tied = head is not None and emb is not None and head.weight is emb.weight
-        groups = {t: sens_math.group_of(t, tied) for t in self.stored if t in S}
+        self.param_groups = {p: sens_math.group_of(p, tied) for p in S}
+        present = set(self.param_groups.values())
+        groups = {t: g for t in self.stored if (g := sens_math.group_of(t, tied)) in present}
         if tied:
             self.notes.append("sens: the head is tied to the embeddings; both are in the 'embed' group")
             head_name = next((n for n, mod in model.named_modules() if mod is head), None)
@@ -312,7 +321,7 @@ class _Run:
             prune = bool(o.lewis and o.lewis.wanda_prune)
             lin = _weights_of(model, self.lin) if (o.lewis and not prune) else None
             if o.lewis:
-                col_sq = {n: column_sq_norms(model.get_submodule(n).weight, s.axis) for n, s in self.lin.items()}
+                col_sq = {n: column_sq_norms(site_module(model, s).weight, s.axis) for n, s in self.lin.items()}
             sinks = {}
             if cross:
                 sinks = {d: self.book.sink(m.id, d) for d in self.book.datasets_for(m.id)}
@@ -350,6 +359,16 @@ class _Run:
             release(self.dev)
         self.timings[m.id] = round(time.perf_counter() - t0, 3)
 
+    def _expert_tokens(self, base_id: str) -> dict[str, dict[str, int]]:
+        """Tokens routed to each expert's weight, per "<model> on <data>" pass (0: none reached it)."""
+        passes = {(base_id, src): st for src, st in [*self.base_abs.items(), *self.base_sq.items()]}
+        passes.update({(mid, self.sources.per_model[mid]): st for mid, st in self.ft_stats.items()})
+        return {
+            f"{mid} on {self.sets[src].key}": {t: int(st.count.get(n, 0)) for n, t in self.expert_tensors.items()
+                                               if n in st.count}
+            for (mid, src), st in passes.items()
+        }
+
     # -- decisions -----------------------------------------------------------------------
     def decide(self, base: ModelInput, ids: list[str]) -> GuideDecisions:
         o = self.opts
@@ -367,10 +386,14 @@ class _Run:
                 src = self.sources.per_model[mid]
                 bst, bcs = self.base_sq[src], self.base_col_sq[src]
                 fst = self.ft_stats[mid]
-                score_base[mid] = {n: lewis_math.wanda_score(bcs[n], bst.mean("sq", n)) for n in mods}
-                score_ft[mid] = {n: lewis_math.wanda_score(fst.col_sq[n], fst.mean("sq", n)) for n in mods}
+                # NaN: an expert no token of this data reached (no density; the recipe's stays)
+                score_base[mid] = {n: lewis_math.wanda_score(bcs[n], bst.mean("sq", n)) if bst.has(n) else np.nan
+                                   for n in mods}
+                score_ft[mid] = {n: lewis_math.wanda_score(fst.col_sq[n], fst.mean("sq", n)) if fst.has(n) else np.nan
+                                 for n in mods}
             lw = o.lewis
-            r = lewis_math.decide(mods, score_base, score_ft, lw.gamma, lw.epsilon, lw.scaling, self.stored)
+            r = lewis_math.decide(mods, score_base, score_ft, lw.gamma, lw.epsilon, lw.scaling, self.stored,
+                                  {n: s.tensor for n, s in self.lin.items()})
             dec.densities = r["densities"]
             merge_stats(r["tensor_stats"])
             dec.plan_stats["lewis"] = r["plan_stats"]
@@ -385,7 +408,7 @@ class _Run:
             for src in self.sources.aim:
                 st = self.base_abs[src]
                 pooled = st if pooled is None else pooled.add(st)
-            mean_abs = {n: pooled.mean("abs", n) for n in self.aim_sites}
+            mean_abs = {n: pooled.mean("abs", n) for n in self.aim_sites if pooled.has(n)}
             r = aim_math.decide(self.aim_sites, mean_abs, o.aim.omega)
             dec.relax = r["relax"]
             merge_stats(r["tensor_stats"])
@@ -403,7 +426,7 @@ class _Run:
             col = {g: j for j, g in enumerate(groups)}
             for i, mid in enumerate(ids):
                 for p, v in self.sens_S[mid].items():
-                    g = self.tensor_groups.get(p)
+                    g = self.param_groups.get(p)
                     if g is not None:
                         S[i, col[g]] += v
             g = self.book.matrix() if self.book is not None else None
@@ -432,6 +455,8 @@ class _Run:
         }
         if self.book is not None:
             dec.calibration["logit_store_peak_bytes"] = self.book.store.bytes_peak
+        if self.expert_tensors:
+            dec.calibration["expert_tokens"] = self._expert_tokens(base.id)
         return dec
 
 
