@@ -76,13 +76,14 @@ def tokenizer():
 
 def _idle_expert(model: torch.nn.Module) -> None:
     """Layer 0's router: experts (0, 1) and (2, 3) get opposite logits c*x.v, -c*x.v and
-    c*x.u, -c*x.u, expert 4 nearly 0, so the top 2 are always one of each pair: no token
+    c*x.u, -c*x.u, expert 4 nearly 0 (c = 2: large enough to beat the fine-tunes' noise, small
+    enough that float32 softmax never underflows to a tie), so the top 2 are always one of each pair: no token
     ever reaches expert 4 there (the guides must report it, not fail)."""
     gate = model.model.layers[0].mlp.gate.weight
     with torch.no_grad():
         v, u = torch.randn(2, gate.shape[1])
         gate.zero_()
-        gate[0], gate[1], gate[2], gate[3] = 10 * v, -10 * v, 10 * u, -10 * u
+        gate[0], gate[1], gate[2], gate[3] = 2 * v, -2 * v, 2 * u, -2 * u
 
 
 def build(arch: str, root: Path, noise: float = 0.02) -> Family:
