@@ -657,14 +657,14 @@ class _Parser:
         if src_node is None or (src_node.is_scalar and src_node.value is None):
             return None
         value = src_node.value if src_node.is_scalar else None
-        if value != "base":
+        if value not in ("base", "union"):
             shown = f"'{value}'" if isinstance(value, str) else _type_name(src_node)
             raise self.fail(
                 src_node.line,
-                f"{ctx} {shown} is not supported: mergeplan keeps the base model's tokenizer "
-                "and vocabulary; use `tokenizer_source: base` or remove the key",
+                f"{ctx} {shown} is not supported: use `base` (the base model's vocabulary) or "
+                "`union` (every model's added tokens; see docs/recipe.md), or remove the key",
             )
-        return "base"
+        return value
 
     def parse_dtype(self, node: YNode | None, ctx: str) -> str | None:
         if node is None or (node.is_scalar and node.value is None):

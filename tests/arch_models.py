@@ -68,6 +68,8 @@ def tokenizer():
 
     words = sorted(set(TEXT.split()))
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    # as many tokens as embedding rows, as real checkpoints have: added tokens then get new rows
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",

@@ -517,7 +517,7 @@ def test_unknown_parameter_names_line_and_suggests():
         # parameter of another method
         ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters: {weight: 1, gamma: 0.1}\n", 5, "'gamma' in models[0].parameters is not a parameter of ties (it belongs to breadcrumbs, breadcrumbs_ties)"),
         # tokenizer other than base
-        ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\ntokenizer_source: union\n", 4, "tokenizer_source 'union' is not supported"),
+        ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\ntokenizer_source: model_a\n", 4, "tokenizer_source 'model_a' is not supported"),
         ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\ntokenizer:\n  source: base\n  tokens: {}\n", 6, "tokenizer.tokens is not supported"),
         # unsupported mergekit features
         ("merge_method: ties\nslices: []\n", 2, "'slices:') are not supported"),

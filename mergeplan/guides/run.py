@@ -58,8 +58,9 @@ from mergeplan.guides.options import GuideOptions, parse_guides
 class _LogitBook:
     """Which logits to keep on disk and which distances to accumulate, for g_ij on task j's data."""
 
-    def __init__(self, ids: list[str], src: dict[str, str], sets: dict[str, CalibSet]):
+    def __init__(self, ids: list[str], src: dict[str, str], sets: dict[str, CalibSet], width: int | None = None):
         self.ids, self.src, self.sets = ids, src, sets
+        self.width = width  # the base's vocabulary: fine-tunes that added tokens are compared on it
         self.store = LogitStore()
         self.dsum: dict[tuple[str, str, str], float] = {}  # (model a, model b, data) with a < b by order
         self.rank = {m: i for i, m in enumerate(ids)}
@@ -82,6 +83,8 @@ class _LogitBook:
         state = {"row": 0}
 
         def take(_b: int, logits: torch.Tensor) -> None:
+            if self.width is not None:
+                logits = logits[:, : self.width]
             n = logits.shape[0]
             start = state["row"]
             if later and not self.store.has(key):
@@ -178,6 +181,7 @@ def run_guides(
         notes.extend(cs.notes)
 
     run = _Run(opts, settings, sources, sets, stored, dev, notes)
+    run.vocab_size = vsize
     with CalibProgress(quiet) as progress:
         run.progress = progress
         run.base_phase(base)
@@ -214,6 +218,7 @@ class _Run:
         self.param_groups: dict[str, str] = {}
         self.expert_tensors: dict[str, str] = {}  # expert site -> stored weight (MoE models)
         self.book: _LogitBook | None = None
+        self.vocab_size: int | None = None
 
     # -- helpers -------------------------------------------------------------------------
     def _load(self, m: ModelInput) -> torch.nn.Module:
@@ -312,7 +317,7 @@ class _Run:
         o = self.opts
         cross = bool(o.sens and o.sens.cross_task)
         if cross and self.book is None:
-            self.book = _LogitBook(ids, self.sources.per_model, self.sets)
+            self.book = _LogitBook(ids, self.sources.per_model, self.sets, self.vocab_size)
         t0 = time.perf_counter()
         model = self._load(m)
         dev = input_device(model)
