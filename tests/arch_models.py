@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 128
@@ -138,3 +139,13 @@ def add_tokens(src: Path, dst: Path, tokens: list[str], seed: int = 7) -> Path:
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     return Path(dst)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: torch's per-op thread handoff costs more than the op, and on a
+    shared machine two threads per test worker oversubscribe the cores (5x slower here)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

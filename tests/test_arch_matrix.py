@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import arch_models as am
+from arch_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from cli_helpers import run_cli, write_recipe
 from mergeplan.methods.registry import METHODS
 from mergeplan.plan import read_plan

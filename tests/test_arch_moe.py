@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import arch_models as am
+from arch_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from mergeplan.calibrate.data import load_calib_set
 from mergeplan.calibrate.models import load_model, load_tokenizer
 from mergeplan.calibrate.modules import linear_sites, site_modules, stored_tensor_names, weighted_sites

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import arch_models as am
+from arch_models import one_torch_thread  # noqa: F401  (autouse fixture)
 from cli_helpers import assert_one_line_error, run_cli, write_recipe
 from mergeplan.plan import read_plan
 from test_apply import load_all
