@@ -46,6 +46,8 @@ def _configs():
                                              bos_token_id=1, eos_token_id=2),
         # 5 experts, top 2: layer 0's router never picks expert 4 (see _idle_expert).
         "mixtral": lambda: tf.MixtralConfig(**c, num_local_experts=5, num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**c, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=32),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**c, head_dim=8, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=32),
     }

@@ -134,10 +134,12 @@ EXPECTED = {
     "gpt2": {"qkv", "o", "up", "down", "input_norm", "post_norm", "embed", "embed_pos", "norm"},
     "gpt_neox": {"qkv", "o", "up", "down", "input_norm", "post_norm", "embed", "norm", "lm_head"},
     "mixtral": {"q", "router", "e0.gate", "e0.up", "e0.down", "e4.down", "lm_head"},
+    "qwen2_moe": {"q", "router", "sh_router", "sh.gate", "sh.up", "sh.down", "e0.gate", "e3.down"},
     "qwen3_moe": {"q_norm", "router", "e0.gate", "e3.down"},
 }
 FORBIDDEN = {"gpt2": {"gate", "lm_head"}, "phi3": {"q", "gate", "up"}, "gpt_neox": {"dense", "embed_out"},
-             "mixtral": {"gate", "up", "down", "w1"}, "qwen3_moe": {"gate", "up", "down"}}
+             "mixtral": {"gate", "up", "down", "w1"}, "qwen2_moe": {"gate", "up", "down", "shared_expert_gate"},
+             "qwen3_moe": {"gate", "up", "down"}}
 
 
 def test_review_grid_labels_every_weight_once(fam, tmp_path, capsys):
