@@ -1,5 +1,6 @@
-"""Mixture-of-experts and renamed weights: the guides' view of a loaded model matches the
-stored tensors, and per-expert statistics match an independent computation from them."""
+"""Calibration on real families: the guides' view of a loaded model matches the stored
+tensors (renamed, fused, per-expert), and per-expert and per-head statistics match an
+independent computation."""
 
 from __future__ import annotations
 
@@ -83,3 +84,28 @@ def test_expert_statistics_match_an_independent_computation(mixtral):
     # Layer 0's router never sends a token to expert 4 (arch_models._idle_expert): reported, not an error.
     assert st.count["model.layers.0.mlp.experts.4.down"] == 0
     assert any("experts.4" in n and "no calibration token" in n for n in st.notes)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_per_head_norm_statistics_leave_padding_out(arch, tmp_path):
+    """q_norm/k_norm see a row per token and head; padding rows weigh 0 as for any module.
+    Independent: q_proj's output per head, padding dropped by the mask, summed in float64."""
+    fam = am.build(arch, tmp_path)
+    model, _ = load_model(fam.base, CPU, torch.float32)
+    attn = model.model.layers[1].self_attn
+    name = "model.layers.1.self_attn.q_norm"
+    cs = load_calib_set(str(fam.data), fam.root, load_tokenizer(fam.base), 6, 12)
+    batches = cs.batches(3)
+    assert any(bool((m == 0).any()) for _, m in batches)  # there is padding to leave out
+    st = activation_pass(model, {name: attn.q_norm}, ("abs",), batches, CPU, "base")
+    outs = []
+    h = attn.q_proj.register_forward_hook(lambda _m, _a, o: outs.append(o.detach().double()))
+    with torch.no_grad():
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+    h.remove()
+    d = attn.q_norm.weight.shape[0]
+    x = torch.cat([o.reshape(o.shape[0], o.shape[1], -1, d)[m.bool()] for o, (_i, m) in zip(outs, batches)])
+    assert st.count[name] == x.shape[0] * x.shape[1]  # tokens x heads
+    np.testing.assert_allclose(st.sums["abs"][name], x.abs().sum((0, 1)).numpy(), rtol=1e-5)
+    assert not st.notes
