@@ -8,8 +8,8 @@ with more rows than the base. `tokenizer_source` in the recipe says what the out
 * `union`: every token any input has. The vocabularies must agree on ids (each model's
   tokens sit at the same ids in the largest one, which is then the union); the output has the
   largest model's rows, and its config and tokenizer files come from that model. A row a model
-  lacks (the base lacks every added one) is given to that model as a default row, as mergekit
-  0.1.x's PermutedEmbeddings does for `union`: the row of the one model that has the token, or
+  lacks (the base lacks every added one) is given to that model as a default row, as mergekit's
+  PermutedEmbeddings does for `union` (v0.1.4 to 0.1.5): the row of the one model that has the token, or
   the mean of the rows of the models that have it. The merge then runs as usual, so a token
   only one fine-tune added comes out as that fine-tune's row exactly (no model moves it), and
   one several fine-tunes added is merged around their mean.
