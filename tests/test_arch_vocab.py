@@ -206,3 +206,27 @@ def test_rows_read_slice_by_slice_from_the_shards_match(fam, tmp_path, capsys, m
     assert read_plan(tmp_path / "mem.plan").tensors == read_plan(tmp_path / "files.plan").tensors
     for f in sorted(p.name for p in mem.glob("*.safetensors")):
         assert (mem / f).read_bytes() == (files / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("mutate", ["rows", "source", "model", "aux_model"])
+def test_forged_vocabulary_records_are_refused(fam, tmp_path, capsys, mutate):
+    from mergeplan.plan import write_plan
+
+    r = _recipe(tmp_path / "f.yaml", fam, "task_arithmetic", [(fam.chat, 1.0), (fam.finetunes["code"], 1.0)], "union")
+    code, _, err = run_cli(capsys, "plan", r, "-o", tmp_path / "f.plan", "-q")
+    assert code == 0, err
+    plan = read_plan(tmp_path / "f.plan")
+    t = plan.tensor(_rows(fam)[0])
+    if mutate == "rows":  # claims the base stores as many rows as chat: its shape says otherwise
+        t.params["vocab"]["rows"]["base"] = t.shape[0]
+    elif mutate == "source":
+        t.params["vocab"]["source"] = "everything"
+    elif mutate == "model":
+        t.params["vocab"]["rows"]["stranger"] = 3
+    else:
+        plan.aux_model = "stranger"
+    write_plan(plan, tmp_path / "f.plan")
+    code, _, err = run_cli(capsys, "apply", tmp_path / "f.plan", tmp_path / "out", "-q")
+    needles = {"rows": ["model base", "the plan says"], "aux_model": ["aux_model"]}.get(mutate, ["params.vocab"])
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "out").exists()
