@@ -81,9 +81,9 @@ def tokenizer():
 
 def _idle_expert(model: torch.nn.Module) -> None:
     """Layer 0's router: experts (0, 1) and (2, 3) get opposite logits c*x.v, -c*x.v and
-    c*x.u, -c*x.u, expert 4 nearly 0 (c = 2: large enough to beat the fine-tunes' noise, small
-    enough that float32 softmax never underflows to a tie), so the top 2 are always one of each pair: no token
-    ever reaches expert 4 there (the guides must report it, not fail)."""
+    c*x.u, -c*x.u and expert 4 exactly 0 (in the fine-tunes too), so the top 2 are always one
+    of each pair and no token ever reaches expert 4 there: the guides must report it, not
+    fail. c = 2 keeps float32's softmax from underflowing to ties with expert 4."""
     gate = model.model.layers[0].mlp.gate.weight
     with torch.no_grad():
         v, u = torch.randn(2, gate.shape[1])
@@ -110,6 +110,8 @@ def build(arch: str, root: Path, noise: float = 0.02) -> Family:
                 for k, p in model.state_dict().items():
                     if p.is_floating_point():
                         p.copy_(base_sd[k] + noise * torch.randn(p.shape, generator=g))
+                if arch == "mixtral":  # keep expert 4 unreachable in layer 0 (see _idle_expert)
+                    model.model.layers[0].mlp.gate.weight[4].zero_()
         d = root / name
         model.save_pretrained(d)
         tok.save_pretrained(d)

@@ -103,6 +103,14 @@ guides: {{lewis: {{gamma: 0.3, epsilon: 0.8}}, aim: {{omega: 0.4}}, sens: {{temp
     assert ("lm_head" in groups) == (not tied)
     if fam.arch == "gpt_neox":  # the head is stored as embed_out and merged in its own group
         assert by["embed_out.weight"].contributions[0].source["weight"] == "recipe*sens"
+    if fam.arch == "mixtral":  # layer 0's router never picks expert 4 (arch_models._idle_expert)
+        idle = "model.layers.0.block_sparse_moe.experts.4.w2.weight"
+        tokens = plan.calibration["expert_tokens"]
+        assert tokens["math on calib.txt"][idle] == 0 and tokens["code on calib.txt"][idle] == 0
+        assert tokens["math on calib.txt"]["model.layers.1.block_sparse_moe.experts.4.w2.weight"] > 0
+        assert any("no calibration token was routed" in n and "experts.4" in n for n in plan.calibration["notes"])
+        assert {c.source["density"] for c in by[idle].contributions} == {"recipe"}  # no LEWIS density
+        assert by["model.layers.0.block_sparse_moe.gate.weight"].contributions[0].source["density"] == "lewis"
 
 
 def test_self_merge_reproduces_the_model(fam, tmp_path, capsys):
