@@ -12,6 +12,9 @@ one fine-tune to [gamma, epsilon], all-equal deltas giving (gamma + epsilon) / 2
 paper's Algorithm 1) clips them to [gamma, epsilon]. Higher delta -> higher density.
 Differences from the reference: no rounding to 5 decimals before the rescale; the token mean
 replaces the reference's per-sample sum (a constant factor that the normalisation removes).
+Components are the stored tensors' labels (mergeplan/arch.py): a fused projection (qkv,
+gate_up) is one component measured as one; routers and each expert's projections
+(e3.down) are components of their own.
 """
 
 from __future__ import annotations
