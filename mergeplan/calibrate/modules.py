@@ -157,5 +157,6 @@ def check_names(sites: dict[str, Site], stored: set[str], model_dir: Path) -> No
     if missing and stored:
         raise MergeplanError(
             f"calibration module {missing[0]} has no tensor of that name in {model_dir} "
-            f"({len(missing)} such); this architecture renames weights on load, which guides do not support yet"
+            f"({len(missing)} such); this architecture renames weights on load in a way mergeplan/arch.py does not "
+            "know, so guides cannot place their decisions (merge without guides, or report the architecture)"
         )
