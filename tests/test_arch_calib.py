@@ -109,3 +109,17 @@ def test_per_head_norm_statistics_leave_padding_out(arch, tmp_path):
     assert st.count[name] == x.shape[0] * x.shape[1]  # tokens x heads
     np.testing.assert_allclose(st.sums["abs"][name], x.abs().sum((0, 1)).numpy(), rtol=1e-5)
     assert not st.notes
+
+
+def test_unknown_rename_is_refused_before_calibrating(tmp_path):
+    """A loaded module whose weight matches no stored name (a rename arch.py does not know)
+    would misplace every decision: one clear error instead."""
+    from mergeplan.calibrate.modules import check_names
+    from mergeplan.errors import MergeplanError
+
+    fam = am.build("gpt_neox", tmp_path)
+    model, _ = load_model(fam.base, CPU, torch.float32)
+    stored = stored_tensor_names(fam.base)
+    check_names(weighted_sites(model, stored)[0], stored, fam.base)  # embed_out is known
+    with pytest.raises(MergeplanError, match=r"calibration module lm_head.weight has no tensor .* mergeplan/arch.py"):
+        check_names(weighted_sites(model, None)[0], stored, fam.base)  # as if the rename were unknown
