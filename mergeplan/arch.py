@@ -19,7 +19,10 @@ Three things, all derived from the tensor names stored in the safetensors files:
   (`short_label`).
 
 Supported and tested families (tests/test_arch_matrix.py): Llama, Mistral, Qwen2, Qwen3,
-Gemma2, Gemma3, Phi-3, GPT-2, GPT-NeoX, Mixtral, Qwen2-MoE, Qwen3-MoE.
+Gemma2, Gemma3, Phi-3, GPT-2, GPT-NeoX, Mixtral, Qwen2-MoE, Qwen3-MoE. This module is
+torch-free (plan readers use it); what must look at loaded torch modules (GPT-2's Conv1D,
+routers, the fused experts' in-memory layout) sits beside the hooks, in
+calibrate/modules.py and calibrate/experts.py.
 """
 
 from __future__ import annotations
