@@ -2,6 +2,10 @@
 
     python benchmarks/calib_bench.py [--device auto] [--hidden 512] [--layers 6] [--samples 16]
                                      [--seq-len 256] [--batch-size 4] [--repeats 3] [--plan]
+                                     [--moe EXPERTS]
+
+--moe E measures a Mixtral of E experts (top 2) instead of a Llama: the hooks then take every
+expert's routed rows and recompute its down projection's input (calibrate/experts.py).
 
 1. Hook overhead: the same batches through the same model, (a) bare forward, (b) with the
    activation hooks of AIM (|x| on every weighted module), (c) LEWIS (x^2 on decoder
@@ -31,13 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mergeplan.calibrate.data import CalibSet  # noqa: E402
 from mergeplan.calibrate.models import resolve_device  # noqa: E402
-from mergeplan.calibrate.modules import linear_sites, weighted_sites  # noqa: E402
+from mergeplan.calibrate.modules import linear_sites, site_modules, weighted_sites  # noqa: E402
 from mergeplan.calibrate.passes import activation_pass  # noqa: E402
 
 
 def _config(a):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MixtralConfig
 
+    if a.moe:
+        return MixtralConfig(
+            vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.6875) // 8 * 8,
+            num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
+            num_key_value_heads=max(1, a.hidden // 256), max_position_embeddings=max(2048, a.seq_len),
+            num_local_experts=a.moe, num_experts_per_tok=2, tie_word_embeddings=False,
+        )
     return LlamaConfig(
         vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.6875) // 8 * 8,
         num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
@@ -92,42 +103,52 @@ class _HookClock:
     def __init__(self, dev):
         from mergeplan.calibrate import activations as A
 
-        self.A, self.dev, self.spent = A, dev, 0.0
-        self._orig = (A.ActivationCollector._add, A.ActivationCollector.end_batch)
+        self.A, self.dev, self.spent, self.depth = A, dev, 0.0, 0
+        C = A.ActivationCollector
+        self._orig = (C._add, C.end_batch, C._expert_hook)
 
     def __enter__(self):
-        add, end = self._orig
+        add, end, expert_hook = self._orig
         clock = self
 
         def timed(fn):
             def inner(*args, **kw):
-                _sync(clock.dev)
-                t = time.perf_counter()
-                out = fn(*args, **kw)
-                _sync(clock.dev)
-                clock.spent += time.perf_counter() - t
-                return out
+                clock.depth += 1
+                if clock.depth == 1:  # an expert hook's own _add calls are inside its time
+                    _sync(clock.dev)
+                    t = time.perf_counter()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    if clock.depth == 1:
+                        _sync(clock.dev)
+                        clock.spent += time.perf_counter() - t
+                    clock.depth -= 1
 
             return inner
 
-        self.A.ActivationCollector._add = timed(add)
-        self.A.ActivationCollector.end_batch = timed(end)
+        C = self.A.ActivationCollector
+        C._add = timed(add)
+        C.end_batch = timed(end)
+        # the MoE experts hook routes rows and recomputes the down projection's input
+        C._expert_hook = lambda col, owner, names: timed(expert_hook(col, owner, names))
         return self
 
     def __exit__(self, *exc):
-        self.A.ActivationCollector._add, self.A.ActivationCollector.end_batch = self._orig
+        C = self.A.ActivationCollector
+        C._add, C.end_batch, C._expert_hook = self._orig
 
 
 def overhead(a, dev) -> dict:
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_config(a)).to(dev).eval()
+    model = AutoModelForCausalLM.from_config(_config(a)).to(dev).eval()
     model.config.use_cache = False
     cs = _calib(a)
     batches = cs.batches(a.batch_size)
-    mods_all = {n: model.get_submodule(n) for n in weighted_sites(model)[0]}
-    mods_lin = {n: model.get_submodule(n) for n in linear_sites(model)}
+    mods_all = site_modules(model, weighted_sites(model)[0])
+    mods_lin = site_modules(model, linear_sites(model))
     hooked = {
         "aim": (mods_all, ("abs",)),
         "lewis": (mods_lin, ("sq",)),
@@ -216,7 +237,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--plan", action="store_true", help="also time run_guides end to end")
+    p.add_argument("--moe", type=int, default=0, help="a Mixtral with this many experts (top 2) instead of a Llama")
     a = p.parse_args()
+    if a.moe and a.plan:
+        p.error("--plan times a Llama family only")
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = resolve_device(a.device)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import interrupt, malloc
+from . import interrupt, malloc, vocab
 from .errors import MergeplanError, PlanFormatError
 from .whole import TensorInputs, check_finite, run_tensor
 from .slices import IN_MEMORY_INPUTS, grown, tensor_inputs
@@ -267,6 +267,11 @@ def _whole(plan: Plan, tp, dirs: dict[str, ModelDir], device: torch.device, base
         return run_tensor(plan, tp, TensorInputs(base, []))
     base = dirs[base_id].read(tp.name, device) if base_id else None
     tensors = [dirs[c.model].read(tp.name, device) for c in tp.contributions]
+    if tp.params.get("vocab") is not None:  # a grown vocabulary: the output's rows (vocab.py)
+        ids = ([base_id] if base_id else []) + [c.model for c in tp.contributions]
+        view = vocab.whole_inputs(tp, dirs, dict(zip(ids, ([base] if base_id else []) + tensors)))
+        base = view[base_id] if base_id else None
+        tensors = [view[c.model] for c in tp.contributions]
     if base is not None:
         check_finite(base, tp.name, base_id)
     for c, t in zip(tp.contributions, tensors):

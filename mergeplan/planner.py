@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from . import __version__, malloc
+from . import vocab as _vocab
 from .errors import MergeplanError
 from .whole import TensorInputs, check_finite, compute_masks, deltas_of
 from .io import digests as _digests
@@ -91,8 +92,10 @@ def _open_models(recipe: Recipe, opts: PlanOptions) -> _Inputs:
     return _Inputs(base, tasks, dirs)
 
 
-def _check_tensor_tables(inp: _Inputs) -> list[str]:
-    """All models must hold the reference model's tensors with the same shapes and dtypes."""
+def _check_tensor_tables(inp: _Inputs, rows: dict | None = None) -> list[str]:
+    """All models must hold the reference model's tensors with the same shapes and dtypes
+    (except the rows of a grown vocabulary's tensors, `rows`: vocab.py)."""
+    rows = rows or {}
     ref_id = inp.base.id if inp.base else inp.tasks[0].id
     ref = inp.dirs[ref_id]
     names = ref.tensor_names()
@@ -103,7 +106,7 @@ def _check_tensor_tables(inp: _Inputs) -> list[str]:
             if n not in md:
                 raise MergeplanError(f"model {mid} ({md.path}): tensor {n} is missing (present in {ref_id}); all models must share the same architecture")
             a, b = ref.info(n), md.info(n)
-            if tuple(a.shape) != tuple(b.shape):
+            if tuple(a.shape) != tuple(b.shape) and n not in rows:
                 raise MergeplanError(f"model {mid}: tensor {n} has shape {list(b.shape)} but {ref_id} has {list(a.shape)}; models must share the same architecture")
             if a.dtype != b.dtype:
                 raise MergeplanError(f"model {mid}: tensor {n} is {b.dtype} but {ref_id} has {a.dtype}; convert the models to one dtype first")
@@ -113,7 +116,7 @@ def _check_tensor_tables(inp: _Inputs) -> list[str]:
     return names
 
 
-def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions) -> list[TensorPlan]:
+def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions, rows: dict | None = None) -> list[TensorPlan]:
     spec = METHODS[recipe.merge_method]
     ref = inp.dirs[inp.base.id if inp.base else inp.tasks[0].id]
     nl = num_layers(names)
@@ -159,7 +162,12 @@ def _tensor_plans(recipe: Recipe, inp: _Inputs, names: list[str], decisions) -> 
             params["cabs_order"] = [task_ids.index(n) for n in names_in_order if n in task_ids]
         relax = decisions.relax.get(name) if decisions is not None else None
         stats = dict(decisions.tensor_stats.get(name, {})) if decisions is not None else {}
-        plans.append(TensorPlan(name, tuple(info.shape), recipe.output_dtype or dtype, op=OP_MERGE,
+        shape = tuple(info.shape)
+        if rows and name in rows:  # a grown vocabulary: the output's rows (vocab.py)
+            params["vocab"] = rows[name]
+            out_rows = max(rows[name]["rows"].values()) if rows[name]["source"] == "union" else shape[0]
+            shape = (out_rows, *shape[1:])
+        plans.append(TensorPlan(name, shape, recipe.output_dtype or dtype, op=OP_MERGE,
                                 params=params, contributions=contribs, relax=relax, stats=stats))
     return plans
 
@@ -189,6 +197,9 @@ def _digest_masks(plan: Plan, inp: _Inputs, opts: PlanOptions) -> dict[str, dict
     def read(mid: str, name: str) -> torch.Tensor:
         t = inp.dirs[mid].read(name)
         seen[mid][name] = _digests.tensor_blake3(t)  # hashed while hot in cache; dict set is atomic
+        tp = plan.tensor(name)
+        if tp.params.get("vocab") is not None:  # the stored rows as the output's (vocab.py)
+            t = _vocab.whole_inputs(tp, inp.dirs, {mid: t})[mid]
         return t
 
     workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
@@ -373,7 +384,12 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> P
         notes += validate_guides(recipe.guides, recipe.calibration, recipe.merge_method)
     inp = _open_models(recipe, opts)
     try:
-        names = _check_tensor_tables(inp)
+        ref_id = inp.base.id if inp.base else inp.tasks[0].id
+        ordered = {ref_id: inp.dirs[ref_id], **{m: d for m, d in inp.dirs.items() if m != ref_id}}
+        rows, aux_model, vnotes = _vocab.plan_rows(recipe.tokenizer_source, ref_id, ordered,
+                                                   inp.dirs[ref_id].tensor_names())
+        notes += vnotes
+        names = _check_tensor_tables(inp, rows)
         decisions = None
         if recipe.guides:
             from .guides import parse_guides, run_guides
@@ -388,12 +404,12 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> P
                 _check_stats(recipe, stats, base, tasks)
                 decisions = decide(stats, parse_guides(recipe.guides), base.id, [t.id for t in tasks])
         models = ([inp.base] if inp.base else []) + inp.tasks
-        aux_source = (inp.base or inp.tasks[0]).id  # what Plan.aux_source names once the plan exists
+        aux_source = aux_model or (inp.base or inp.tasks[0]).id  # what Plan.aux_source names once the plan exists
         aux = inp.dirs[aux_source].aux_files()
         plan = Plan(
             method=recipe.merge_method,
             models=models,
-            tensors=_tensor_plans(recipe, inp, names, decisions),
+            tensors=_tensor_plans(recipe, inp, names, decisions, rows),
             params={k: v.to_plain() for k, v in recipe.parameters.items()},
             seed=int(recipe.seed),
             out_dtype=recipe.output_dtype,
@@ -407,6 +423,7 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> P
             notes=notes,
             mergeplan_version=__version__,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            aux_model=aux_model,
         )
         seen = _digest_masks(plan, inp, opts)
         for m in models:

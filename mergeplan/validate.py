@@ -157,14 +157,20 @@ def check_against_inputs(plan: Plan, dirs: dict) -> None:
             out_dtype = recipe_to_torch(t.dtype)
         except Exception:
             raise PlanFormatError(f"{t.name}: output dtype {t.dtype!r} is not one mergeplan writes; the plan is corrupt") from None
+        rows = t.params.get("vocab") if t.op == OP_MERGE else None
+        if rows is not None:
+            from . import vocab  # imports torch: only for plans with a grown vocabulary
+
+            vocab.check_record(t.name, t.shape, rows, plan.input_models(t))
         for mid in plan.input_models(t):
             md = dirs[mid]
             if t.name not in md:
                 raise InputMismatchError(f"model {mid} ({md.path}): tensor {t.name} is missing; the inputs do not match the plan")
             info = md.info(t.name)
-            if tuple(info.shape) != tuple(t.shape):
+            want = vocab.stored_shape(t.shape, rows, mid) if rows is not None else tuple(t.shape)
+            if tuple(info.shape) != want:
                 raise InputMismatchError(f"model {mid}: tensor {t.name} is {list(info.shape)} but the plan says "
-                                         f"{list(t.shape)}; the inputs do not match the plan")
+                                         f"{list(want)}; the inputs do not match the plan")
             src = st_to_torch(info.dtype)
             if t.op == OP_COPY and src != out_dtype:
                 raise PlanFormatError(f"{t.name}: the plan copies a {info.dtype} tensor as {t.dtype}; the plan is corrupt")

@@ -127,15 +127,16 @@ def test_missing_tokenizer(family, tmp_path):
         _guides(family, base=bare)
 
 
-def test_fine_tune_with_a_different_vocabulary_size(family, tmp_path):
+def test_fine_tune_with_a_smaller_vocabulary(family, tmp_path):
+    # (a larger one that keeps the base's ids is a fine-tune that added tokens: tests/test_arch_vocab.py)
     from transformers import LlamaForCausalLM
 
     from test_calib_family import tiny_config
 
     n = load_tokenizer(family.base).__len__()
     other = tmp_path / "other"
-    LlamaForCausalLM(tiny_config(n + 7)).save_pretrained(other)
-    with pytest.raises(MergeplanError, match=rf"fine-tune 'other' has a different vocabulary \(vocab_size {n + 7} vs the base's {n}\)"):
+    LlamaForCausalLM(tiny_config(n - 7)).save_pretrained(other)
+    with pytest.raises(MergeplanError, match=rf"fine-tune 'other' has a smaller vocabulary \(vocab_size {n - 7} vs the base's {n}\)"):
         _guides(family, models=[ModelInput("other", other)])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from mergeplan.plan import view
 from mergeplan.plan.edit import FIELDS, get_value
 from mergeplan.plan.model import OP_MERGE, Plan
-from mergeplan.plan.names import COMPONENTS, parse_name
+from mergeplan.plan.names import parse_name
 from mergeplan.plan.view import ROW_EMBED, ROW_HEAD, RowKey, short_component
 
 __all__ = ["ROW_EMBED", "ROW_HEAD", "RowKey", "GridModel", "Quantity", "fmt_cell", "heat", "short_component",
@@ -63,8 +63,7 @@ class GridModel:
             rows.append(ROW_HEAD)
         self.rows = rows
         self.layers = sorted(layers)
-        order = {c: i for i, c in enumerate(COMPONENTS)}
-        self.components = sorted(comps, key=lambda c: (order.get(c, len(order)), c))
+        self.components = view.sort_components(comps)
         self._stat_kinds = self._find_stats()
 
     # -- layout ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from mergeplan.calibrate.experts import ExpertInputs, call_inputs, down_inputs, routed
 from mergeplan.errors import MergeplanError
 
 KINDS = ("abs", "sq")
@@ -34,6 +35,10 @@ class ActivationStats:
 
     def mean(self, kind: str, module: str) -> np.ndarray:
         return self.sums[kind][module] / max(self.count[module], 1)
+
+    def has(self, module: str) -> bool:
+        """Whether any token reached the module (an expert the router never chose: no)."""
+        return self.count.get(module, 0) > 0 and any(module in v for v in self.sums.values())
 
     def add(self, other: "ActivationStats") -> "ActivationStats":
         """Pool the tokens of two passes (same modules)."""
@@ -67,6 +72,8 @@ class ActivationCollector:
         self._handles: list = []
         self._misaligned: set[str] = set()
         self._mask: torch.Tensor | None = None
+        self._mask2d: torch.Tensor | None = None
+        self._experts_seen: set[str] = set()
         self._valid = 0
         self._w: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
@@ -74,8 +81,14 @@ class ActivationCollector:
         self._batch = -1
 
     def __enter__(self) -> "ActivationCollector":
+        experts: dict[int, tuple[torch.nn.Module, dict[tuple[int, str], str]]] = {}
         for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+            if isinstance(mod, ExpertInputs):
+                experts.setdefault(id(mod.experts), (mod.experts, {}))[1][(mod.index, mod.proj)] = name
+            else:
+                self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        for owner, names in experts.values():
+            self._handles.append(owner.register_forward_pre_hook(self._expert_hook(owner, names), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -87,6 +100,7 @@ class ActivationCollector:
 
     def begin_batch(self, mask: torch.Tensor) -> None:
         self._batch += 1
+        self._mask2d = mask.bool() if mask.dim() == 2 else None
         self._mask = mask.reshape(-1).bool()
         self._valid = int(self._mask.sum())
         self._w = {}
@@ -110,21 +124,68 @@ class ActivationCollector:
 
         return pre_hook
 
-    def _reduce(self, name: str, x: torch.Tensor) -> dict:
+    def _expert_hook(self, owner: torch.nn.Module, names: dict[tuple[int, str], str]):
+        """One hook per fused experts module: per expert, the rows routed to it (and, for its
+        down projection, the activations it computes from them)."""
+        indices = sorted({e for e, _ in names})
+
+        def pre_hook(_module, args: tuple, kwargs: dict) -> None:
+            hidden, top_k = call_inputs(args, kwargs)
+            if hidden is None or top_k is None:
+                return
+            x = hidden.detach().reshape(-1, hidden.shape[-1])
+            for e in indices:
+                rows = routed(top_k.reshape(x.shape[0], -1), e)
+                if rows.numel() == 0:
+                    continue
+                xe = x[rows]
+                for proj in ("gate", "up"):
+                    if (e, proj) in names:
+                        self._add(names[(e, proj)], xe, rows)
+                if (e, "down") in names:
+                    with torch.no_grad():
+                        self._add(names[(e, "down")], down_inputs(owner, e, xe).detach(), rows)
+
+        return pre_hook
+
+    def _row_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """Weights (1 token, 0 padding) for the rows of x.reshape(-1, C) when x has a row per
+        token and head: [B, S, ..., C] (Qwen3's q_norm) or [B, H, S, C] (Gemma3's)."""
+        m = self._mask2d
+        if m is None or x.dim() < 3:
+            return None
+        B, S = m.shape
+        lead = tuple(x.shape[:-1])
+        token_major = lead[:2] == (B, S)
+        head_major = len(lead) == 3 and lead[0] == B and lead[2] == S
+        if token_major == head_major:  # neither, or ambiguous (heads == seq_len)
+            return None
+        view = m.view(B, S, *([1] * (len(lead) - 2))) if token_major else m.view(B, 1, S)
+        w = view.expand(lead).reshape(-1).to(device=x.device, dtype=torch.float32)
+        return w, int(self._valid * (w.numel() // max(self._mask.numel(), 1)))
+
+    def _reduce(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
         x2 = x.detach().reshape(-1, x.shape[-1])
         n = x2.shape[0]
-        if self._mask is None or n != self._mask.numel():
+        if rows is not None and self._mask is not None:
+            # An expert's rows: the tokens the router sent it, padding weighing 0 as elsewhere.
+            w = self._mask.to(x2.device)[rows].to(torch.float32)
+            count = int(w.sum())
+        elif self._mask is not None and n == self._mask.numel():
+            w = self._weights(x2.device, n)
+            count = self._valid
+        elif (per_head := self._row_weights(x)) is not None:
+            w, count = per_head
+        else:
             # Rows that are not one per token (e.g. a module fed a selection of tokens):
             # nothing tells padding apart, so every row counts; the plan notes it.
             self._misaligned.add(name)
+            w = self._weights(x2.device, n)
             count = n
-        else:
-            count = self._valid
         # Column sums as a mask-weighted GEMV: padding rows get weight 0, and a GEMV beats a
         # strided reduction over dim 0 by an order of magnitude on CPU. |x| and x^2 go into a
         # reused float32 scratch buffer: a fresh activation-sized tensor per hook costs page
         # faults that, on CPU, weigh as much as the reduction itself.
-        w = self._weights(x2.device, n)
         buf = self._scratch_for(x2)
         res: dict = {"n": count}
         same = x2.dtype == torch.float32
@@ -152,11 +213,11 @@ class ActivationCollector:
             self._scratch[x2.device] = cur
         return cur[:need].view(x2.shape)
 
-    def _add(self, name: str, x: torch.Tensor) -> None:
+    def _add(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         if self._last is not None and self._last[0] is x:
             res = self._last[1]
         else:
-            res = self._reduce(name, x)
+            res = self._reduce(name, x, rows)
             self._last = (x, res)
         if self._count[name] == 0 and name not in self._order:
             self._order.append(name)
@@ -187,6 +248,10 @@ class ActivationCollector:
 
     def result(self) -> ActivationStats:
         silent = [n for n in self.modules if self._count[n] == 0 and n not in self._order]
+        # An expert the router never chose on this data is a fact about the data, not an error:
+        # its statistics are absent (ActivationStats.has) and the guides leave it as the recipe says.
+        idle = [n for n in silent if isinstance(self.modules[n], ExpertInputs)]
+        silent = [n for n in silent if n not in idle]
         if silent:
             shown = ", ".join(silent[:5]) + (f" and {len(silent) - 5} more" if len(silent) > 5 else "")
             raise MergeplanError(
@@ -198,6 +263,12 @@ class ActivationCollector:
         for k in self.kinds:
             stats.sums[k] = {n: t.detach().to("cpu", torch.float32).numpy() for n, t in self._acc[k].items()}
         stats.count = dict(self._count)
+        if idle:
+            shown = ", ".join(idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")
+            stats.notes.append(
+                f"{self.label}: no calibration token was routed to {len(idle)} expert projection(s) ({shown}); "
+                "guides leave their tensors as the recipe says"
+            )
         if self._misaligned:
             stats.notes.append(
                 f"{self.label}: inputs of {', '.join(sorted(self._misaligned))} are not one row per token; "

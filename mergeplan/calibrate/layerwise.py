@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from mergeplan.calibrate.activations import ActivationCollector, ActivationStats, column_sq_norms
-from mergeplan.calibrate.modules import Site, decoder_layers
+from mergeplan.calibrate.modules import Site, decoder_layers, site_module
 
 
 class _Captured(Exception):
@@ -73,7 +73,7 @@ def layerwise_wanda(
     total = ActivationStats()
     for i, block in enumerate(layers):
         here = {n: s for n, s in sites.items() if n.startswith(f"{prefix}.{i}.")}
-        mods = {n: model.get_submodule(n) for n in here}
+        mods = {n: site_module(model, s) for n, s in here.items()}
         with torch.no_grad():
             with ActivationCollector(mods, ("sq",), label) as col:
                 for (hidden, kwargs), (_ids, mask) in zip(states, batches):

@@ -18,8 +18,9 @@ from mergeplan.calibrate.logits import LogitStore, distance_sum
 class LogitBook:
     """Which logits to keep on disk and which distances to accumulate, for g_ij on task j's data."""
 
-    def __init__(self, ids: list[str], src: dict[str, str], sets: dict[str, CalibSet]):
+    def __init__(self, ids: list[str], src: dict[str, str], sets: dict[str, CalibSet], width: int | None = None):
         self.ids, self.src, self.sets = ids, src, sets
+        self.width = width  # the base's vocabulary: fine-tunes that added tokens are compared on it
         self.store = LogitStore()
         self.dsum: dict[tuple[str, str, str], float] = {}  # (model a, model b, data) with a < b by order
         self.rank = {m: i for i, m in enumerate(ids)}
@@ -42,6 +43,8 @@ class LogitBook:
         state = {"row": 0}
 
         def take(_b: int, logits: torch.Tensor) -> None:
+            if self.width is not None:
+                logits = logits[:, : self.width]
             n = logits.shape[0]
             start = state["row"]
             if later and not self.store.has(key):

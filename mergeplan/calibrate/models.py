@@ -56,21 +56,26 @@ def has_tokenizer(path: Path) -> bool:
 
 
 def check_vocabulary(model_id: str, path: Path, base_vocab_size: int | None, base_vocab: dict[str, int]) -> None:
-    """A fine-tune must read token ids the way the base tokenizer writes them."""
+    """A fine-tune must read token ids the way the base tokenizer writes them: the same
+    vocabulary, or one that keeps every base token's id and adds tokens after them (a
+    fine-tune that added chat tokens; its extra rows are never fed, and its logits are compared
+    with the others' on the base's ids)."""
     size = _config(path).get("vocab_size")
-    if base_vocab_size is not None and size is not None and size != base_vocab_size:
+    if base_vocab_size is not None and size is not None and size < base_vocab_size:
         raise MergeplanError(
-            f"fine-tune {model_id!r} has a different vocabulary (vocab_size {size} vs the base's "
+            f"fine-tune {model_id!r} has a smaller vocabulary (vocab_size {size} vs the base's "
             f"{base_vocab_size}); calibration feeds every model the base tokenizer's ids, so merge only "
-            "models that share the base vocabulary"
+            "models whose vocabulary keeps the base's"
         )
     if has_tokenizer(path):
         vocab = load_tokenizer(path).get_vocab()
-        if vocab != base_vocab:
-            diff = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
+        moved = sorted((t, i, vocab.get(t)) for t, i in base_vocab.items() if vocab.get(t) != i)
+        if moved:
+            t, i, got = moved[0]
             raise MergeplanError(
-                f"fine-tune {model_id!r} ships a tokenizer whose vocabulary differs from the base's "
-                f"(e.g. {diff}); calibration uses the base tokenizer, so merge only models that share it"
+                f"fine-tune {model_id!r} ships a tokenizer whose vocabulary differs from the base's (token "
+                f"{t!r}: id {got} there, {i} in the base; {len(moved)} such); calibration uses the base "
+                "tokenizer, so merge only models that keep the base's token ids"
             )
 
 

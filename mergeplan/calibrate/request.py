@@ -100,4 +100,6 @@ def union_options(options: Iterable[GuideOptions]) -> GuideOptions:
     """A GuideOptions with every guide some option set enables (which data each model needs)."""
     opts = list(options)
     pick = {n: next((getattr(o, n) for o in opts if getattr(o, n) is not None), None) for n in ("lewis", "aim", "sens")}
-    return GuideOptions(**pick)
+    # Absent guides are left out, not passed as None: the schema reads `lewis: null` in a
+    # recipe as "lewis with its defaults".
+    return GuideOptions(**{n: o for n, o in pick.items() if o is not None})

@@ -43,6 +43,8 @@ from mergeplan.calibrate.modules import (
     check_names,
     decoder_layers,
     linear_sites,
+    site_module,
+    site_modules,
     stored_tensor_names,
     weighted_sites,
 )
@@ -106,11 +108,13 @@ def calibrate(
     needed = list(dict.fromkeys([*sources.per_model.values(), *(sources.aim if union.aim else [])]))
     sets = {src: load_calib_set(src, recipe_dir, tokenizer, settings.samples, settings.seq_len) for src in needed}
     stats = CalibStats(
+        vocab_size=vsize,
         request=request, settings=settings, base_id=base.id, ids=ids,
         paths={m.id: str(m.path) for m in [base, *models]}, per_model=dict(sources.per_model),
         resolved_device=str(dev),
         datasets={src: cs.record() for src, cs in sets.items()},
         dataset_notes={src: list(cs.notes) for src, cs in sets.items()},
+        dataset_keys={src: cs.key for src, cs in sets.items()},
         stored=stored_tensor_names(base.path),
     )
     run = _Passes(stats, sets, sources.aim if union.aim else [], dev)
@@ -130,8 +134,8 @@ def calibrate(
     return stats
 
 
-def _weights_of(model: torch.nn.Module, names: Iterable[str]) -> dict[str, torch.nn.Module]:
-    return {n: model.get_submodule(n) for n in names}
+def _weights_of(model: torch.nn.Module, sites: dict[str, Site]) -> dict[str, torch.nn.Module]:
+    return site_modules(model, sites)
 
 
 class _Passes:
@@ -178,17 +182,19 @@ class _Passes:
         try:
             sites: dict[str, Site] = {}
             if r.lewis:
-                self.lin = linear_sites(model)
+                self.lin = linear_sites(model, st.stored)
                 st.lin = list(self.lin)
+                st.lin_tensors = {n: s.tensor for n, s in self.lin.items()}
                 sites.update(self.lin)
             if r.base_abs:
-                wsites, wnotes = weighted_sites(model)
+                wsites, wnotes = weighted_sites(model, st.stored)
                 st.aim_site_notes = list(wnotes)
                 sites.update(wsites)
                 st.aim_sites = {
-                    n: (s.tensor, s.axis, model.get_submodule(n).weight.shape[s.axis]) for n, s in wsites.items()
+                    n: (s.tensor, s.axis, site_module(model, s).weight.shape[s.axis]) for n, s in wsites.items()
                 }
             check_names(sites, st.stored, Path(base.path))
+            st.expert_tensors = {n: s.tensor for n, s in sites.items() if s.expert is not None}
             plain = None in r.base_lewis
             for src in dict.fromkeys(aim_srcs + lewis_srcs):
                 kinds = tuple(k for k, on in (("abs", src in aim_srcs), ("sq", src in lewis_srcs and plain)) if on)
@@ -203,7 +209,7 @@ class _Passes:
                 if "sq" in kinds:
                     st.base_sq[(None, src)] = got
             if plain:
-                col_sq = {n: column_sq_norms(model.get_submodule(n).weight, s.axis) for n, s in self.lin.items()}
+                col_sq = {n: column_sq_norms(site_module(model, s).weight, s.axis) for n, s in self.lin.items()}
                 for src in lewis_srcs:
                     st.base_col_sq[(None, src)] = col_sq
             first = True
@@ -223,11 +229,15 @@ class _Passes:
         st.timings[base.id] = round(time.perf_counter() - t0, 3)
 
     def _groups(self, model: torch.nn.Module, S: dict[str, float]) -> dict[str, str]:
-        """Stored tensor -> Sens layer group; a tied head joins the embeddings' group."""
+        """Stored tensor -> Sens layer group; a tied head joins the embeddings' group. Also sets
+        param_groups (loaded parameter -> group), which may differ from the stored names
+        (GPT-NeoX's head, transformers 5's fused experts: see mergeplan/arch.py)."""
         head, emb = model.get_output_embeddings(), model.get_input_embeddings()
         tied = head is not None and emb is not None and head.weight is emb.weight
         stored = self.stats.stored
-        groups = {t: sens_math.group_of(t, tied) for t in stored if t in S}
+        self.stats.param_groups = {p: sens_math.group_of(p, tied) for p in S}
+        present = set(self.stats.param_groups.values())
+        groups = {t: g for t in stored if (g := sens_math.group_of(t, tied)) in present}
         if tied:
             self.stats.tie_notes = ["sens: the head is tied to the embeddings; both are in the 'embed' group"]
             head_name = next((n for n, mod in model.named_modules() if mod is head), None)
@@ -245,7 +255,7 @@ class _Passes:
             own = st.per_model[m.id]
             col_sq = None
             if r.ft_act or r.sens_sq:
-                col_sq = {n: column_sq_norms(model.get_submodule(n).weight, s.axis) for n, s in self.lin.items()}
+                col_sq = {n: column_sq_norms(site_module(model, s).weight, s.axis) for n, s in self.lin.items()}
             for per_sample in sorted(r.sens):
                 self._sens_pass(model, dev, m, own, per_sample, col_sq)
             if r.ft_act:
@@ -271,7 +281,7 @@ class _Passes:
         if per_sample in r.cross:
             book = self.books.get(per_sample)
             if book is None:
-                book = self.books[per_sample] = LogitBook(st.ids, st.per_model, self.sets)
+                book = self.books[per_sample] = LogitBook(st.ids, st.per_model, self.sets, st.vocab_size)
         sinks = {d: book.sink(m.id, d) for d in book.datasets_for(m.id)} if book else {}
         own_sink = sinks[own][0] if own in sinks else None
         lin = _weights_of(model, self.lin) if per_sample in r.sens_sq else None

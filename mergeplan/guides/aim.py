@@ -5,7 +5,8 @@ For every weighted module except embeddings, s_j = mean over calibration tokens 
 f = 1 - a * (1 - omega) along the input axis (columns of a Linear [out, in], elements of a
 norm weight), so W = W0 + f * delta_merged. Channels the base relies on most keep the
 fraction omega of their change; idle channels keep all of it. Biases and embeddings are
-untouched; a head tied to the embeddings is one stored tensor and is left alone too.
+untouched; a head tied to the embeddings is one stored tensor and is left alone too. A
+module no calibration token reached (an expert the router never chose) is not relaxed (noted).
 The reference sums per-batch means in bf16; this accumulates token sums in float32.
 """
 
@@ -43,6 +44,9 @@ def decide(
     notes: list[str] = []
     names, mean_f, min_f = [], [], []
     for module, (tensor, axis, length) in sites.items():
+        if module not in mean_abs:
+            notes.append(f"aim: no calibration token reached {module} (an expert the router never chose); not relaxed")
+            continue
         s = mean_abs[module]
         if s.shape[0] != length:
             notes.append(f"aim: {module} sees {s.shape[0]} input channels but its weight has {length}; not relaxed")

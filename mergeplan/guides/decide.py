@@ -71,6 +71,7 @@ def decide(stats: CalibStats, options: GuideOptions, base_id: str, ids: Sequence
 
     base_sq: list[ActivationStats] = []
     ft_used: list[ActivationStats] = []
+    passes: dict[tuple[str, str], ActivationStats] = {}  # (model, data) -> the statistics used
     if o.lewis:
         lw = o.lewis
         variant = lw.wanda_sparsity if lw.wanda_prune else None
@@ -81,10 +82,16 @@ def decide(stats: CalibStats, options: GuideOptions, base_id: str, ids: Sequence
             src = sources.per_model[mid]
             bst, bcs = stats.base_sq[(variant, src)], stats.base_col_sq[(variant, src)]
             fst = stats.finetune[(ft_kind, mid)]
-            score_base[mid] = {n: lewis_math.wanda_score(bcs[n], bst.mean("sq", n)) for n in mods}
-            score_ft[mid] = {n: lewis_math.wanda_score(fst.col_sq[n], fst.mean("sq", n)) for n in mods}
+            # NaN: an expert no token of this data reached (no density; the recipe's stays)
+            score_base[mid] = {n: lewis_math.wanda_score(bcs[n], bst.mean("sq", n)) if bst.has(n) else np.nan
+                               for n in mods}
+            score_ft[mid] = {n: lewis_math.wanda_score(fst.col_sq[n], fst.mean("sq", n)) if fst.has(n) else np.nan
+                             for n in mods}
             ft_used.append(fst)
-        r = lewis_math.decide(mods, score_base, score_ft, lw.gamma, lw.epsilon, lw.scaling, stats.stored)
+            passes[(base_id, src)] = bst
+            passes[(mid, src)] = fst
+        r = lewis_math.decide(mods, score_base, score_ft, lw.gamma, lw.epsilon, lw.scaling, stats.stored,
+                              stats.lin_tensors)
         dec.densities = r["densities"]
         merge_stats(r["tensor_stats"])
         dec.plan_stats["lewis"] = r["plan_stats"]
@@ -102,7 +109,9 @@ def decide(stats: CalibStats, options: GuideOptions, base_id: str, ids: Sequence
         pooled: ActivationStats | None = None
         for st in base_abs:
             pooled = st if pooled is None else pooled.add(st)
-        mean_abs = {n: pooled.mean("abs", n) for n in stats.aim_sites}
+        mean_abs = {n: pooled.mean("abs", n) for n in stats.aim_sites if pooled.has(n)}
+        for s_, st in zip(dict.fromkeys(aim_srcs), base_abs):
+            passes.setdefault((base_id, s_), st)
         r = aim_math.decide(stats.aim_sites, mean_abs, o.aim.omega)
         dec.relax = r["relax"]
         merge_stats(r["tensor_stats"])
@@ -121,7 +130,7 @@ def decide(stats: CalibStats, options: GuideOptions, base_id: str, ids: Sequence
         col = {g: j for j, g in enumerate(groups)}
         for i, mid in enumerate(ids):
             for name, v in stats.sens_S[(p, mid)].items():
-                g = stats.tensor_groups.get(name)
+                g = stats.param_groups.get(name)
                 if g is not None:
                     S[i, col[g]] += v
         g = stats.logit_g[p] if o.sens.cross_task else None
@@ -138,7 +147,19 @@ def decide(stats: CalibStats, options: GuideOptions, base_id: str, ids: Sequence
     for st in [*base_abs, *base_sq, *ft_used]:
         notes.extend(st.notes)
     dec.calibration = _record(stats, o, sources, needed, notes)
+    if stats.expert_tensors:
+        dec.calibration["expert_tokens"] = _expert_tokens(stats, passes)
     return dec
+
+
+def _expert_tokens(stats: CalibStats, passes: dict[tuple[str, str], ActivationStats]) -> dict[str, dict[str, int]]:
+    """Tokens routed to each expert's weight, per "<model> on <data>" pass (0: none reached it)."""
+    return {
+        f"{mid} on {stats.dataset_keys.get(src, src)}": {
+            t: int(st.count.get(n, 0)) for n, t in stats.expert_tensors.items() if n in st.count
+        }
+        for (mid, src), st in passes.items()
+    }
 
 
 def _record(stats: CalibStats, o: GuideOptions, sources, needed: list[str], notes: list[str]) -> dict[str, Any]:

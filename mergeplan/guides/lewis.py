@@ -12,6 +12,9 @@ one fine-tune to [gamma, epsilon], all-equal deltas giving (gamma + epsilon) / 2
 paper's Algorithm 1) clips them to [gamma, epsilon]. Higher delta -> higher density.
 Differences from the reference: no rounding to 5 decimals before the rescale; the token mean
 replaces the reference's per-sample sum (a constant factor that the normalisation removes).
+Components are the stored tensors' labels (mergeplan/arch.py): a fused projection (qkv,
+gate_up) is one component measured as one; routers and each expert's projections
+(e3.down) are components of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mergeplan.plan.names import COMPONENTS, parse_name
+from mergeplan.arch import component_key
+from mergeplan.plan.names import parse_name
 
 
 def wanda_score(col_sq: np.ndarray, mean_sq: np.ndarray) -> float:
@@ -44,17 +48,20 @@ def scale_densities(delta: np.ndarray, gamma: float, epsilon: float, scaling: st
     return gamma + (delta - lo) / (hi - lo) * (epsilon - gamma)
 
 
+def _stem(weight: str) -> str:
+    return weight[: -len(".weight")] if weight.endswith(".weight") else weight
+
+
 def grid(modules: list[str]) -> tuple[list[int], list[str], dict[str, tuple[int, int]]]:
     """Layers and components of decoder Linear modules, and each module's (row, column)."""
     parsed = {m: parse_name(m + ".weight") for m in modules}
     layers = sorted({p.layer for p in parsed.values() if p.layer is not None})
-    rank = {c: i for i, c in enumerate(COMPONENTS)}
     comps: list[str] = []
     for p in parsed.values():
         if p.component not in comps:
             comps.append(p.component)
     seen = list(comps)
-    comps.sort(key=lambda c: (rank.get(c, len(rank)), seen.index(c)))
+    comps.sort(key=lambda c: (component_key(c)[:3], seen.index(c)))
     li = {l: i for i, l in enumerate(layers)}
     at = {m: (li[p.layer], comps.index(p.component)) for m, p in parsed.items() if p.layer is not None}
     return layers, comps, at
@@ -68,12 +75,18 @@ def decide(
     epsilon: float,
     scaling: str,
     stored: set[str],
+    tensors: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """score_base[model][module] (base on that model's data), score_ft[model][module] -> decisions.
 
+    `tensors` maps a module to its stored weight name where the two differ (renamed or
+    per-expert weights; default module + ".weight"). A score that is NaN (a mixture-of-experts
+    expert no calibration token reached) gives no density: that tensor keeps the recipe's.
     Returns {"densities", "tensor_stats", "plan_stats"} in GuideDecisions' shapes.
     """
-    layers, comps, at = grid(modules)
+    stem = {m: _stem((tensors or {}).get(m, m + ".weight")) for m in modules}
+    layers, comps, at_stem = grid(list(stem.values()))
+    at = {m: at_stem[s] for m, s in stem.items() if s in at_stem}
     shape = (len(layers), len(comps))
     densities: dict[str, dict[str, float]] = {}
     tstats: dict[str, dict[str, Any]] = {}
@@ -99,8 +112,10 @@ def decide(
         for name, arr in (("score_base", base), ("score", ft), ("delta", delta), ("density", dens)):
             pstats[name][mid] = arr.astype(np.float32)
         for m, (r, c) in at.items():
+            if not np.isfinite(dens[r, c]):
+                continue
             for suffix in ("weight", "bias"):
-                tensor = f"{m}.{suffix}"
+                tensor = f"{stem[m]}.{suffix}"
                 if tensor not in stored:
                     continue
                 densities.setdefault(tensor, {})[mid] = float(dens[r, c])

@@ -76,6 +76,11 @@ class SequentialCheck:
     def complete(self) -> bool:
         return self._pos == self.nbytes
 
+    @property
+    def fed(self) -> int:
+        """Bytes fed so far (from the start, in order)."""
+        return self._pos
+
     def finish(self) -> None:
         """Raise InputMismatchError if the bytes fed differ; a tensor not read whole is re-read."""
         if self._pos != self.nbytes:

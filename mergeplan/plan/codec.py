@@ -110,6 +110,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         for m in plan.models
     ]
     d["tensors"] = [_tensor_to_dict(t) for t in plan.tensors]
+    for k in schema.PLAN_OMITTED_WHEN_NONE:  # written only when set: older plans stay canonical
+        if d[k] is None:
+            del d[k]
     return d
 
 

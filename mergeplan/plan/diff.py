@@ -165,8 +165,8 @@ def _text(v: Any) -> str:
 
 
 def summarize(rows: list[DiffRow]) -> DiffSummary:
-    from .names import COMPONENTS, parse_name
-    from .view import row_label, row_of, row_order
+    from .names import parse_name
+    from .view import row_label, row_of, row_order, sort_components
 
     global_rows = [r for r in rows if r.where == "plan" or r.where.startswith("model ")]
     tensor_rows = [r for r in rows if not (r.where == "plan" or r.where.startswith("model "))]
@@ -179,8 +179,7 @@ def summarize(rows: list[DiffRow]) -> DiffSummary:
         cell = counts.setdefault(row_of(r.where), {})
         cell[comp] = cell.get(comp, 0) + 1
         by_field.setdefault(r.field, []).append(r)
-    order = {c: i for i, c in enumerate(COMPONENTS)}
-    components = sorted(comps, key=lambda c: (order.get(c, len(order)), c))
+    components = sort_components(comps)
     folded: list[tuple[Any, Any, list[int]]] = []  # (first row, last row, counts)
     for row in sorted(counts, key=row_order):
         line = [counts[row].get(c, 0) for c in components]

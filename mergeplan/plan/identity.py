@@ -28,7 +28,7 @@ from .model import Plan
 
 
 def decision_record(plan: Plan) -> dict:
-    return {
+    rec = {
         "method": plan.method,
         "params": plan.params,
         "seed": plan.seed,
@@ -46,6 +46,9 @@ def decision_record(plan: Plan) -> dict:
             for t in plan.tensors
         ],
     }
+    if plan.aux_model is not None:  # only when set, so digests of plans without it do not change
+        rec["aux_model"] = plan.aux_model
+    return rec
 
 
 def decision_digest(plan: Plan) -> str:

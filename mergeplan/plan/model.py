@@ -120,6 +120,9 @@ class Plan:
     mergeplan_version: str = ""
     created: str = ""
     edit_log: list[dict[str, Any]] = field(default_factory=list)
+    # The model whose config and tokenizer files are copied when it is not the base:
+    # `tokenizer_source: union` takes them from the model holding the union vocabulary (vocab.py).
+    aux_model: str | None = None
 
     # -- lookups -------------------------------------------------------------------------
     @property
@@ -135,7 +138,10 @@ class Plan:
 
     @property
     def aux_source(self) -> ModelRef | None:
-        """The model whose config and tokenizer files are copied: the base, else the first task."""
+        """The model whose config and tokenizer files are copied: aux_model when set (union
+        vocabulary), else the base, else the first task."""
+        if self.aux_model is not None:
+            return self.model(self.aux_model)
         return self.base or next(iter(self.task_models), None)
 
     def input_models(self, t: "TensorPlan") -> list[str]:

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+from mergeplan import arch as _arch
 
-# Last meaningful name part -> short component label, in display order.
-COMPONENTS = (
-    "embed", "input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "norm", "lm_head",
-)
-_ALIASES = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o", "dense": "o",
-    "query": "q", "key": "k", "value": "v", "c_attn": "qkv", "qkv_proj": "qkv", "c_proj": "o",
-    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down",
-    "c_fc": "up", "fc1": "up", "fc2": "down", "gate_up_proj": "gate_up",
-    "input_layernorm": "input_norm", "ln_1": "input_norm", "post_attention_layernorm": "post_norm",
-    "ln_2": "post_norm", "embed_tokens": "embed", "wte": "embed", "wpe": "embed_pos",
-    "lm_head": "lm_head", "norm": "norm", "ln_f": "norm", "final_layernorm": "norm",
-    "q_norm": "q_norm", "k_norm": "k_norm",
-}
+# Labels and their order live in mergeplan/arch.py (architecture knowledge in one place).
+COMPONENTS = _arch.COMPONENTS
 
 
 @dataclass(frozen=True)
@@ -32,13 +19,9 @@ class TensorName:
 
 
 def parse_name(name: str) -> TensorName:
-    m = _LAYER.search(name)
-    layer = int(m.group(1)) if m else None
     parts = name.split(".")
     kind = parts[-1] if len(parts) > 1 else "weight"
-    module = parts[-2] if len(parts) > 1 else parts[0]
-    comp = _ALIASES.get(module, module)
-    return TensorName(name=name, layer=layer, component=comp, kind=kind)
+    return TensorName(name=name, layer=_arch.layer_of(name), component=_arch.component_of(name), kind=kind)
 
 
 def num_layers(names) -> int:

@@ -360,9 +360,14 @@ PLAN = {
     "mergeplan_version": label,
     "created": label,
     "edit_log": list_of(spec({"time": label, "tool": label, "changes": list_of(list_of(plain))})),
+    "aux_model": optional(name),
 }
+PLAN_OMITTED_WHEN_NONE = ("aux_model",)
 
 
 def plan(d: Any) -> Plan:
     """The Plan in a decoded body, or Corrupt naming the first field that is not acceptable."""
-    return record(Plan, PLAN, "", d)
+    p = record(Plan, PLAN, "", d, PLAN_OMITTED_WHEN_NONE)
+    if p.aux_model is not None and p.aux_model not in {m.id for m in p.models}:
+        raise Corrupt(child("", "aux_model"), "names no model of the plan")
+    return p

@@ -20,6 +20,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from mergeplan.arch import component_key, short_label
+
 from .model import OP_MERGE, Contribution, Plan, TensorPlan
 from .names import parse_name
 
@@ -41,15 +43,14 @@ def row_of(name: str) -> RowKey:
     return ROW_EMBED if pn.component in _EMBED_COMPONENTS else ROW_HEAD
 
 
-# Short component labels for 5-cell columns (review grid, diff summary).
-_SHORT = {
-    "input_norm": "in_n", "post_norm": "post", "lm_head": "head", "embed": "emb",
-    "embed_pos": "pos", "gate_up": "g_up", "q_norm": "q_n", "k_norm": "k_n",
-}
-
-
+# Component order and 5-cell short labels (review grid, diff summary) are the architecture
+# table's (mergeplan/arch.py, torch-free): fused projections, routers and experts included.
 def short_component(comp: str) -> str:
-    return _SHORT.get(comp, comp[:5])
+    return short_label(comp)
+
+
+def sort_components(comps) -> list[str]:
+    return sorted(comps, key=component_key)
 
 
 def row_label(row: RowKey) -> str:
