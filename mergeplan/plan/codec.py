@@ -104,7 +104,8 @@ _TENSOR_KEYS = [f.name for f in dataclasses.fields(TensorPlan)]
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    d = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    d = {f.name: v for f in dataclasses.fields(plan)
+         if (v := getattr(plan, f.name)) is not None or f.name not in schema.PLAN_OMITTED_WHEN_NONE}
     d["models"] = [
         {k: v for k in _MODEL_KEYS if (v := getattr(m, k)) is not None or k not in schema.OMITTED_WHEN_NONE}
         for m in plan.models

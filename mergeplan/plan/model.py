@@ -120,6 +120,10 @@ class Plan:
     mergeplan_version: str = ""
     created: str = ""
     edit_log: list[dict[str, Any]] = field(default_factory=list)
+    # How a `tune:` search chose this plan (mergeplan/tune/record.py): the objective, the
+    # held-out split, every candidate with its scores and which one the plan is. None (and
+    # absent from the file) for a plan made without a search.
+    tuning: dict[str, Any] | None = None
 
     # -- lookups -------------------------------------------------------------------------
     @property

@@ -360,9 +360,20 @@ PLAN = {
     "mergeplan_version": label,
     "created": label,
     "edit_log": list_of(spec({"time": label, "tool": label, "changes": list_of(list_of(plain))})),
+    "tuning": optional(spec({
+        "objective": spec({"kind": name, "direction": name}),
+        "strategy": name,
+        "chosen": integer(0, 2**31),
+        "candidates": list_of(spec({
+            "id": integer(0, 2**31), "assignment": map_of(plain, key=label), "score": optional(number),
+            "tasks": map_of(spec({"loss": number, "accuracy": number})),
+        }, required=("id", "assignment", "score"))),
+    }, required=("objective", "candidates", "chosen"))),
 }
+# Plan-level keys written only when set (see OMITTED_WHEN_NONE).
+PLAN_OMITTED_WHEN_NONE = ("tuning",)
 
 
 def plan(d: Any) -> Plan:
     """The Plan in a decoded body, or Corrupt naming the first field that is not acceptable."""
-    return record(Plan, PLAN, "", d)
+    return record(Plan, PLAN, "", d, PLAN_OMITTED_WHEN_NONE)
