@@ -308,7 +308,60 @@ def _plan_cost(plan: Plan, tp: TensorPlan, inp: _Inputs) -> int:
     return nbytes + 4 * n * (2 * models + 4)
 
 
-def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
+def _guide_inputs(recipe: Recipe, inp: _Inputs):
+    """(base, fine-tunes) as the guides see them; guides need a base."""
+    from .guides.base import ModelInput
+
+    if inp.base is None:
+        raise MergeplanError("guides need a base_model; add `base_model: PATH` to the recipe")
+    return (ModelInput(inp.base.id, inp.dirs[inp.base.id].path),
+            [ModelInput(t.id, inp.dirs[t.id].path) for t in inp.tasks])
+
+
+def _recipe_dir(recipe: Recipe) -> Path:
+    return recipe.path.parent if recipe.path else Path.cwd()
+
+
+def _check_stats(recipe: Recipe, stats, base, tasks) -> None:
+    """Reused statistics must come from this recipe's calibration settings and models."""
+    from .calibrate.settings import parse_calibration
+
+    settings = parse_calibration(recipe.calibration, _recipe_dir(recipe))
+    if settings != stats.settings:
+        raise MergeplanError("the calibration statistics given were gathered with other calibration settings "
+                             "than this recipe's `calibration:` section; calibrate again for this recipe")
+    want = {m.id: str(m.path) for m in [base, *tasks]}
+    if want != stats.paths:
+        moved = sorted(k for k in set(want) | set(stats.paths) if want.get(k) != stats.paths.get(k))
+        raise MergeplanError(f"the calibration statistics given were gathered on other models ({', '.join(moved)} "
+                             "differ); calibrate again for this recipe")
+
+
+def calibrate_recipe(recipe: Recipe, opts: PlanOptions | None = None, options=None):
+    """Calibrate once for a guided recipe: CalibStats for its guides, or for every guide
+    option set in `options` (candidates of a search), to pass to build_plan(stats=...)."""
+    from .calibrate.run import calibrate
+    from .calibrate.settings import parse_calibration
+    from .guides import parse_guides
+
+    opts = opts or PlanOptions()
+    inp = _open_models(recipe, opts)
+    try:
+        _check_tensor_tables(inp)
+        base, tasks = _guide_inputs(recipe, inp)
+        candidates = [parse_guides(recipe.guides)] if options is None else list(options)
+        return calibrate(candidates, parse_calibration(recipe.calibration, _recipe_dir(recipe)), base, tasks,
+                         _recipe_dir(recipe), device=opts.device, quiet=opts.quiet)
+    finally:
+        for d in inp.dirs.values():
+            d.close()
+
+
+def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> Plan:
+    """Recipe + inputs -> Plan. `stats`: CalibStats from calibrate_recipe (or calibrate) to
+    reuse instead of calibrating; it must come from this recipe's calibration settings and
+    models and cover its guides (else MergeplanError). The plan equals a fresh one's but
+    for calibration timings (and a `calibrated_for` note when the statistics cover more)."""
     opts = opts or PlanOptions()
     if recipe.merge_method not in METHODS:
         raise MergeplanError(f"unknown merge_method {recipe.merge_method!r}; known: {', '.join(sorted(METHODS))}")
@@ -323,17 +376,17 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None) -> Plan:
         names = _check_tensor_tables(inp)
         decisions = None
         if recipe.guides:
-            from .guides import run_guides
-            from .guides.base import ModelInput
+            from .guides import parse_guides, run_guides
 
-            if inp.base is None:
-                raise MergeplanError("guides need a base_model; add `base_model: PATH` to the recipe")
-            decisions = run_guides(
-                recipe.guides, recipe.calibration,
-                ModelInput(inp.base.id, inp.dirs[inp.base.id].path),
-                [ModelInput(t.id, inp.dirs[t.id].path) for t in inp.tasks],
-                recipe.path.parent if recipe.path else Path.cwd(), device=opts.device, quiet=opts.quiet,
-            )
+            base, tasks = _guide_inputs(recipe, inp)
+            if stats is None:
+                decisions = run_guides(recipe.guides, recipe.calibration, base, tasks, _recipe_dir(recipe),
+                                       device=opts.device, quiet=opts.quiet)
+            else:
+                from .guides.decide import decide
+
+                _check_stats(recipe, stats, base, tasks)
+                decisions = decide(stats, parse_guides(recipe.guides), base.id, [t.id for t in tasks])
         models = ([inp.base] if inp.base else []) + inp.tasks
         aux_source = (inp.base or inp.tasks[0]).id  # what Plan.aux_source names once the plan exists
         aux = inp.dirs[aux_source].aux_files()

@@ -85,7 +85,7 @@ def test_progress_goes_to_stderr_unless_quiet(family, capfd):
 
 
 def test_interrupt_leaves_no_hooks_and_no_temporary_logits(family, monkeypatch, tmp_path):
-    import mergeplan.guides.run as run_mod
+    import mergeplan.calibrate.run as run_mod
 
     # a private temp dir: other test workers' logit stores come and go in the shared one
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
