@@ -8,7 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mergeplan.tune.objective import Objective, TaskSamples, margin_interval, within_noise
+from mergeplan.evaluate.score import SampleScores
+from mergeplan.tune.objective import Objective, margin, within_noise
 from mergeplan.tune.space import dims_from_space, grid, grid_size, random_draws
 from mergeplan.tune.strategy import make_asker
 
@@ -52,46 +53,46 @@ def test_integer_ranges_stay_integers():
 
 def _ts(losses, tokens):
     losses, tokens = np.asarray(losses, float), np.asarray(tokens, np.int64)
-    return TaskSamples(nll=losses * tokens, tokens=tokens)
+    return SampleScores(loss_sum=losses * tokens, correct=np.zeros_like(tokens), tokens=tokens)
 
 
 def test_recovered_gain_by_hand():
     obj = Objective()
-    base = {"math": 4.0, "code": 6.0, "general": 3.0}
-    experts = {"math": 2.0, "code": 5.0, "general": None}
-    merged = {"math": 3.0, "code": 5.5, "general": 3.1}
-    # math: (4-3)/(4-2) = 0.5; code: (6-5.5)/(6-5) = 0.5; general has no expert
+    tok = [10, 10]
+    base = {"math": _ts([4, 4], tok), "code": _ts([6, 6], tok)}
+    experts = {"math": _ts([2, 2], tok), "code": _ts([5, 5], tok)}
+    merged = {"math": _ts([3, 3], tok), "code": _ts([5.5, 5.5], tok)}
+    # math: (4-3)/(4-2) = 0.5; code: (6-5.5)/(6-5) = 0.5
     assert obj.value(merged, base, experts) == pytest.approx(0.5)
     assert obj.direction == "maximize" and obj.better(0.6, 0.5)
 
 
-def test_weighted_loss_objective():
+def test_weighted_loss_objective_is_token_weighted_per_task():
     obj = Objective("loss", {"math": 1.0, "code": 3.0})
-    assert obj.value({"math": 2.0, "code": 4.0, "x": 100.0}, {}, {}) == pytest.approx((2 + 12) / 4)
+    merged = {"math": _ts([1.0, 3.0], [1, 3]), "code": _ts([4.0], [5]), "x": _ts([100.0], [1])}
+    math_loss = (1 * 1 + 3 * 3) / 4
+    assert obj.value(merged, {}, {}) == pytest.approx((math_loss + 3 * 4.0) / 4)
     assert obj.direction == "minimize" and obj.better(1.0, 2.0)
-
-
-def test_task_loss_is_token_weighted():
-    s = _ts([1.0, 3.0], [1, 3])
-    assert s.loss() == pytest.approx((1 * 1 + 3 * 3) / 4)
 
 
 def test_bootstrap_margin_separates_a_real_win_from_noise():
     rng = np.random.default_rng(0)
     n = 40
     tok = np.full(n, 50)
-    base = {"t": _ts(5 + rng.normal(0, 0.3, n), tok)}
+    b = 5 + rng.normal(0, 0.3, n)
+    base = {"t": _ts(b, tok)}
     expert = {"t": _ts(3 + rng.normal(0, 0.3, n), tok)}
-    good = {"t": _ts(base["t"].nll / tok - 1.0 + rng.normal(0, 0.05, n), tok)}
-    same = {"t": _ts(good["t"].nll / tok + rng.normal(0, 0.05, n), tok)}
+    good = {"t": _ts(b - 1.0 + rng.normal(0, 0.05, n), tok)}
+    same = {"t": _ts(b - 1.0 + rng.normal(0, 0.05, n), tok)}
     obj = Objective()
-    far = margin_interval(obj, good, base, base, expert, rounds=300)
-    assert far[0] > 0.3 and not within_noise(obj, far)
-    near = margin_interval(obj, good, same, base, expert, rounds=300)
-    assert within_noise(obj, near) and near[1] <= near[0] <= near[2]
-    # Independent check of the point value: the gain difference computed directly.
-    g = lambda m: (base["t"].loss() - m["t"].loss()) / (base["t"].loss() - expert["t"].loss())  # noqa: E731
-    assert near[0] == pytest.approx(g(good) - g(same))
+    far = margin(obj, good, base, base, expert, n_boot=300)
+    assert far.estimate > 0.3 and not within_noise(obj, far)
+    near = margin(obj, good, same, base, expert, n_boot=300)
+    assert within_noise(obj, near) and near.low <= near.estimate <= near.high
+    # Independent check of the point value: the gains computed directly from the losses.
+    loss = lambda m: m["t"].loss_sum.sum() / m["t"].tokens.sum()  # noqa: E731
+    g = lambda m: (loss(base) - loss(m)) / (loss(base) - loss(expert))  # noqa: E731
+    assert near.estimate == pytest.approx(g(good) - g(same))
 
 
 def test_grid_asker_walks_the_grid_then_stops():
