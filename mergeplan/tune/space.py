@@ -65,18 +65,26 @@ class Dim:
 
 
 def dims_from_space(space: Mapping[str, Any]) -> list[Dim]:
-    """The schema-validated `tune.space` mapping as dimensions, in the recipe's order."""
+    """The schema-validated `tune.space` as dimensions, in the recipe's order. A value is a
+    list of choices, or a range: a mapping or an object with low, high, step, log."""
     dims = []
     for path, spec in space.items():
         if isinstance(spec, (list, tuple)):
             dims.append(Dim(path, values=tuple(spec)))
-        else:
-            spec = dict(spec)
-            integer = all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool)
-                          for k in ("low", "high")) and isinstance(spec.get("step", 1), int)
-            dims.append(Dim(path, low=spec["low"], high=spec["high"], step=spec.get("step"),
-                            log=bool(spec.get("log", False)), integer=integer))
+            continue
+        get = spec.get if isinstance(spec, Mapping) else (lambda k, d=None, o=spec: getattr(o, k, d))
+        low, high, step = get("low"), get("high"), get("step")
+        # Integers stay integers (n, m of n:m masks): the schema keeps what the YAML said.
+        integer = all(isinstance(x, int) and not isinstance(x, bool) for x in (low, high)) and (
+            step is None or isinstance(step, int))
+        if not integer and all(float(x).is_integer() for x in (low, high)) and path.split(".")[-1] in INTEGER_PARAMS:
+            integer = True
+        dims.append(Dim(path, low=low, high=high, step=step, log=bool(get("log", False)), integer=integer))
     return dims
+
+
+# Method parameters that only take integers, whatever number type a schema hands over.
+INTEGER_PARAMS = frozenset({"n", "m", "seed"})
 
 
 def grid(dims: list[Dim], points: int = GRID_POINTS) -> Iterator[dict[str, Any]]:
