@@ -71,8 +71,10 @@ def plan(
     full_hash: Annotated[bool, typer.Option("--full-hash", help="Also record each shard's whole-file sha256 (reads every shard once more).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite PLAN if it exists (its edit log is lost).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    no_tune: Annotated[bool, typer.Option("--no-tune", help="Ignore the recipe's tune: section; plan the recipe as written.")] = False,
 ) -> None:
-    """Read a recipe, analyse the inputs (and calibrate, for guided recipes), write a plan."""
+    """Read a recipe, analyse the inputs (and calibrate, for guided recipes), write a plan.
+    With a `tune:` section: calibrate once, score candidates on held-out data, write the best."""
     from .planner import PlanOptions, build_plan
     from .plan.codec import write_plan
     from .plan.identity import decision_digest
@@ -86,15 +88,31 @@ def plan(
     if fast_hash:
         err.print("note: --fast-hash is no longer needed: tensor digests are computed while planning reads the weights")
     t0 = time.perf_counter()
-    with StageProgress(err, quiet) as prog:
-        p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
-                                        remap=_parse_remap(model), progress=prog.update))
+    if rec.tune is not None and not no_tune:
+        p = _tuned_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
+                                         remap=_parse_remap(model)), quiet, output, force)
+    else:
+        with StageProgress(err, quiet) as prog:
+            p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
+                                            remap=_parse_remap(model), progress=prog.update))
     _check_plan_output(output, force)  # it may have appeared while planning
     write_plan(p, output)
     if not quiet:
         err.print(f"wrote {_markup(output)} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
                   f"{len(p.models)} models) in {time.perf_counter() - t0:.1f}s")
     out.print(decision_digest(p))
+
+
+def _tuned_plan(rec, opts, quiet: bool, output: Path, force: bool):
+    from .tune.report import candidates_table, verdict_lines
+    from .tune.search import tune_plan
+
+    res = tune_plan(rec, opts, say=(lambda s: None) if quiet else (lambda s: err.print(_markup(s))))
+    if not quiet:
+        err.print(candidates_table(res.plan.tuning))
+        for line in verdict_lines(res.plan.tuning):
+            err.print(line)
+    return res.plan
 
 
 def _check_plan_output(output: Path, force: bool) -> None:

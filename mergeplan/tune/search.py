@@ -116,6 +116,16 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> T
     dev = _device(opts.device)
     say(f"tune: held-out {data.describe()}")
     base_scores, expert_scores = _baselines(data, dev, opts.threads, say)
+    for task, e in expert_scores["search"].items():
+        # A task whose expert is no better than the base on it has no gain to recover: its
+        # ratio would divide by ~0 or flip sign. Left out of the objective, and said.
+        if e is not None and not e.loss < base_scores["search"][task].loss:
+            for split in expert_scores.values():
+                split[task] = None
+            data.notes.append(f"tune: task {task}: its expert {data.experts[task]} is no better than the base "
+                              "on the held-out samples, so the task is left out of recovered_gain")
+    for n in data.notes:
+        say(n)
     if objective.kind == "recovered_gain" and not any(e is not None for e in expert_scores["search"].values()):
         raise MergeplanError(
             "tune.objective recovered_gain needs a task whose expert (the fine-tune named like the task) "
@@ -175,7 +185,7 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> T
             gc.collect()
 
     # -- a shared study: another worker's candidate may be the best ----------------------
-    if asker.shared:
+    if spec.storage:
         for t in asker.finished():
             if t["value"] is None or not objective.better(t["value"], best.score):
                 continue
@@ -260,8 +270,10 @@ def _score_plan(plan: Plan, sets, dev, threads: int) -> Scores:
 
 def _baselines(data: HeldOutData, dev, threads: int, say) -> tuple[dict[str, Scores], dict[str, dict]]:
     """The base's and each task expert's scores on both splits, one model resident at a time."""
-    from mergeplan.evaluate.run import load_model_dir
+    from mergeplan.evaluate.run import _quiet_transformers, load_model_dir
     from mergeplan.evaluate.score import score_model
+
+    _quiet_transformers()
 
     splits = {"search": data.search, **({"test": data.test} if data.test else {})}
     base: dict[str, Scores] = {}
