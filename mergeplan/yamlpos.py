@@ -16,7 +16,7 @@ import yaml
 
 from mergeplan.errors import MergeplanError
 
-__all__ = ["YNode", "compose_located", "where"]
+__all__ = ["YNode", "compose_located", "key_lines", "where"]
 
 
 def where(path: str | Path | None, line: int | None) -> str:
@@ -137,3 +137,23 @@ def compose_located(text: str, path: str | Path | None = None) -> YNode | None:
             "a recipe describes one merge: split them into separate files"
         )
     return _convert(docs[0], path)
+
+
+def key_lines(root: YNode, values: bool = False) -> dict[tuple[Any, ...], int]:
+    """Line of every location in the document: ``()`` for the root, ``("models", 1,
+    "parameters", "density")`` for a mapping key (the key's line, or with ``values`` the
+    line its value starts on) or a list item."""
+    out: dict[tuple[Any, ...], int] = {(): root.line}
+
+    def walk(node: YNode, loc: tuple[Any, ...]) -> None:
+        if node.is_map:
+            for k, v in node.value.items():
+                out[loc + (k,)] = v.line if values else node.key_lines[k]
+                walk(v, loc + (k,))
+        elif node.is_seq:
+            for i, v in enumerate(node.value):
+                out[loc + (i,)] = v.line
+                walk(v, loc + (i,))
+
+    walk(root, ())
+    return out

@@ -155,7 +155,7 @@ def test_settings_defaults_and_per_model_data():
     [
         (None, "add a `calibration:` section"),
         ({"samples": 4}, "calibration.data is missing"),
-        ({"data": "x", "sampels": 4}, r"unknown key 'sampels' \(did you mean 'samples'\?\)"),
+        ({"data": "x", "sampels": 4}, r"unknown key 'sampels' in calibration \(did you mean 'samples'\?\); allowed: data, samples"),
         ({"data": "x", "samples": 0}, r"calibration.samples must be an integer >= 1"),
         ({"data": "x", "seq_len": 1.5}, r"calibration.seq_len must be an integer >= 2"),
         ({"data": "x", "batch_size": True}, r"calibration.batch_size must be an integer"),

@@ -517,7 +517,7 @@ def test_unknown_parameter_names_line_and_suggests():
         # parameter of another method
         ("merge_method: ties\nbase_model: ./b\nmodels:\n  - model: ./a\n    parameters: {weight: 1, gamma: 0.1}\n", 5, "'gamma' in models[0].parameters is not a parameter of ties (it belongs to breadcrumbs, breadcrumbs_ties)"),
         # tokenizer other than base
-        ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\ntokenizer_source: union\n", 4, "tokenizer_source 'union' is not supported"),
+        ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\ntokenizer_source: model_a\n", 4, "tokenizer_source 'model_a' is not supported: use `base`"),
         ("merge_method: ties\nbase_model: ./b\nmodels: [{model: ./a, parameters: {weight: 1}}]\ntokenizer:\n  source: base\n  tokens: {}\n", 6, "tokenizer.tokens is not supported"),
         # unsupported mergekit features
         ("merge_method: ties\nslices: []\n", 2, "'slices:') are not supported"),
@@ -532,7 +532,7 @@ def test_unknown_parameter_names_line_and_suggests():
         # guides and calibration
         ("merge_method: linear\nmodels: [{model: ./a, parameters: {weight: 1}}]\nguides:\n  aim: {omega: 0.4}\n  lewiss: {}\n", 5, "unknown key 'lewiss' in guides (did you mean 'lewis'?)"),
         ("merge_method: linear\nmodels: [{model: ./a, parameters: {weight: 1}}]\nguides:\n  aim: 0.4\n", 4, "guides.aim must be a mapping"),
-        ("merge_method: linear\nmodels: [{model: ./a, parameters: {weight: 1}}]\ncalibration:\n  samples: many\n", 4, "calibration.samples must be a positive integer"),
+        ("merge_method: linear\nmodels: [{model: ./a, parameters: {weight: 1}}]\ncalibration:\n  samples: many\n", 4, "calibration.samples must be an integer >= 1, got 'many'"),
         ("merge_method: linear\nmodels: [{model: ./a, parameters: {weight: 1}}]\ncalibration:\n  sample: 3\n", 4, "did you mean 'samples'?"),
         ("merge_method: linear\nmodels: [{model: ./a, parameters: {weight: 1}}]\ncalibration:\n  data: {b: x.txt}\n", 4, "unknown model 'b'"),
         # filters
