@@ -15,7 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,7 +29,7 @@ from .io.locate import resolve_model_path
 from .io.modeldir import ModelDir
 from .io.shards import plan_shards
 from .io.tensors import recipe_to_torch, torch_to_st
-from .io.writer import ShardWriter, write_index
+from .io.writer import MemorySink, ShardWriter, write_index
 from .outdir import OutputSlot, check_target, file_mode
 from .schedule import MemoryScheduler
 from .plan.codec import plan_digest
@@ -98,14 +99,34 @@ def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None
     checked against the plan's digests as it is read; any mismatch, error or signal
     leaves no OUT_DIR behind."""
     opts = opts or ApplyOptions()
+    out = Path(out_dir)
+    with _checked_inputs(plan, opts, out) as dirs:
+        return _write(plan, out, dirs, opts)
+
+
+def merge_in_memory(plan: Plan, opts: ApplyOptions | None = None) -> dict[str, torch.Tensor]:
+    """apply_plan without an output directory: the same checks and the same merge engine,
+    each finished tensor handed to a MemorySink. Returns tensor name -> CPU tensor in the
+    plan's dtype, bit for bit what apply_plan writes (opts.force is ignored)."""
+    opts = opts or ApplyOptions()
+    with _checked_inputs(plan, opts, None) as dirs:
+        sink = MemorySink([(t.name, recipe_to_torch(t.dtype), tuple(t.shape)) for t in plan.tensors])
+        _merge_tensors(plan, dirs, opts, sink.write)
+        return sink.close()
+
+
+@contextmanager
+def _checked_inputs(plan: Plan, opts: ApplyOptions, out: Path | None) -> Iterator[dict[str, ModelDir]]:
+    """The plan checked, OUT_DIR (when there is one) checked, every input opened and checked
+    against the plan's fingerprints; closed on the way out."""
     where = opts.plan_path or "plan"
     problems = check_plan(plan)
     if problems:
         more = f" (and {len(problems) - 1} more; run `mergeplan validate`)" if len(problems) > 1 else ""
         raise PlanFormatError(f"{where}: {problems[0]}{more}; the plan is corrupt or was edited outside mergeplan")
-    out = Path(out_dir)
     paths = model_paths(plan, opts.remap, opts.plan_path)
-    check_target(out, paths, opts.plan_path, opts.force)
+    if out is not None:
+        check_target(out, paths, opts.plan_path, opts.force)
     dirs: dict[str, ModelDir] = {}
     try:
         for mid, p in paths.items():
@@ -118,7 +139,7 @@ def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None
         if unchecked and opts.note:
             opts.note(f"the plan records no content digests for {', '.join(unchecked)} (made by an older mergeplan?): "
                       "those inputs are checked by size and headers only; re-plan to check every byte")
-        return _write(plan, out, dirs, opts)
+        yield dirs
     finally:
         for d in dirs.values():
             d.close()
@@ -127,8 +148,6 @@ def apply_plan(plan: Plan, out_dir: str | os.PathLike, opts: ApplyOptions | None
 def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions) -> ApplyResult:
     entries = [(t.name, torch_to_st(recipe_to_torch(t.dtype)), tuple(t.shape)) for t in plan.tensors]
     layouts = plan_shards(entries, plan.max_shard_size)
-    lock = threading.Lock()
-    state = {"done": 0, "bytes": 0}
     mode = file_mode()
     with OutputSlot(out) as slot:
         for p in slot.removed_stale:
@@ -138,67 +157,7 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         writers = {l.file: ShardWriter(tmp / l.file, l) for l in layouts}
         where = {t.name: l.file for l in layouts for t in l.tensors}
 
-        malloc.return_large_blocks(arenas=opts.threads + 1)  # freed buffers leave RSS (malloc.py)
-        workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
-        base_id = plan.base.id if plan.base else None
-        on_cpu = opts.device.type == "cpu"
-
-        def cost(tp) -> int:
-            ids = plan.input_models(tp)
-            nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
-            return _working_set(tp, recipe_to_torch(tp.dtype), nbytes, on_cpu and streamable(plan, tp), len(ids))
-
-        def one(tp) -> None:
-            if _DEBUG_DELAY:
-                time.sleep(_DEBUG_DELAY)
-            out_dtype = recipe_to_torch(tp.dtype)
-            nbytes = sum(dirs[m].info(tp.name).nbytes for m in plan.input_models(tp))
-            stream = on_cpu and streamable(plan, tp)
-            if stream:
-                ws = workspaces.setdefault(threading.get_ident(), {})
-                files, src = tensor_inputs(tp, (base_id, dirs[base_id]) if base_id else None, dirs, ws)
-                out_buf = grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape)) if src is not files else None
-                try:
-                    result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
-                except MergeplanError:
-                    # A changed input shows as a mask digest or NaN error too; name the cause.
-                    files.verify(complete_only=True)
-                    raise
-                files.verify()  # every input byte this tensor used, hashed as it was read
-                del src, files
-            else:
-                result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
-            writers[where[tp.name]].write(tp.name, result)
-            del result
-            if nbytes >= 16 << 20:
-                malloc.trim()  # give back what this tensor's slices left free in the heaps
-            with lock:
-                state["done"] += 1
-                state["bytes"] += nbytes
-                if opts.progress:
-                    opts.progress(state["done"], len(plan.tensors), state["bytes"])
-
-        # Each worker runs single-threaded torch ops; parallelism comes from tensors in
-        # flight, so --threads N means N cores and results cannot depend on N.
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            # Largest first so the tail of the run is not one huge tensor on one thread.
-            order = sorted(plan.tensors, key=lambda t: -_numel(t.shape))
-            sched = MemoryScheduler([(cost(tp), tp) for tp in order], opts.memory_budget)
-            if opts.threads <= 1:
-                sched.work(one)
-            else:
-                with ThreadPoolExecutor(max_workers=opts.threads) as ex:
-                    futures = [ex.submit(sched.work, one) for _ in range(opts.threads)]
-                    try:
-                        for f in futures:
-                            f.result()
-                    except BaseException:
-                        sched.stop()  # workers finish the tensor in hand, take no other
-                        raise
-        finally:
-            torch.set_num_threads(prev)
+        bytes_read = _merge_tensors(plan, dirs, opts, lambda name, t: writers[where[name]].write(name, t))
         for w in writers.values():
             w.close()
         write_index(tmp, layouts)
@@ -218,7 +177,79 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
         if interrupt.requested():
             raise KeyboardInterrupt  # a signal whose exception Python dropped: never land
         slot.commit(opts.force)
-        return ApplyResult(out, files, len(plan.tensors), state["bytes"])
+        return ApplyResult(out, files, len(plan.tensors), bytes_read)
+
+
+def _merge_tensors(plan: Plan, dirs: dict[str, ModelDir], opts: ApplyOptions,
+                   put: Callable[[str, torch.Tensor], None]) -> int:
+    """Merge every tensor of the plan on opts.threads workers and hand each result to
+    `put(name, tensor)` (a shard writer's write, or MemorySink.write): the tensor is in the
+    plan's dtype on the CPU and may be a view of a reused buffer, valid only during the
+    call. Returns the input bytes read."""
+    lock = threading.Lock()
+    state = {"done": 0, "bytes": 0}
+    malloc.return_large_blocks(arenas=opts.threads + 1)  # freed buffers leave RSS (malloc.py)
+    workspaces: dict[int, dict[str, torch.Tensor]] = {}  # per worker thread, freed with this call
+    base_id = plan.base.id if plan.base else None
+    on_cpu = opts.device.type == "cpu"
+
+    def cost(tp) -> int:
+        ids = plan.input_models(tp)
+        nbytes = sum(dirs[m].info(tp.name).nbytes for m in ids)
+        return _working_set(tp, recipe_to_torch(tp.dtype), nbytes, on_cpu and streamable(plan, tp), len(ids))
+
+    def one(tp) -> None:
+        if _DEBUG_DELAY:
+            time.sleep(_DEBUG_DELAY)
+        out_dtype = recipe_to_torch(tp.dtype)
+        nbytes = sum(dirs[m].info(tp.name).nbytes for m in plan.input_models(tp))
+        stream = on_cpu and streamable(plan, tp)
+        if stream:
+            ws = workspaces.setdefault(threading.get_ident(), {})
+            files, src = tensor_inputs(tp, (base_id, dirs[base_id]) if base_id else None, dirs, ws)
+            out_buf = grown(ws, "out" + str(out_dtype), out_dtype, _numel(tp.shape)) if src is not files else None
+            try:
+                result = run_streamed(plan, tp, src, out_dtype, chunk=opts.chunk or CHUNK, out=out_buf)
+            except MergeplanError:
+                # A changed input shows as a mask digest or NaN error too; name the cause.
+                files.verify(complete_only=True)
+                raise
+            files.verify()  # every input byte this tensor used, hashed as it was read
+            del src, files
+        else:
+            result = _whole(plan, tp, dirs, opts.device, base_id).to(out_dtype).to("cpu").contiguous()
+        put(tp.name, result)
+        del result
+        if nbytes >= 16 << 20:
+            malloc.trim()  # give back what this tensor's slices left free in the heaps
+        with lock:
+            state["done"] += 1
+            state["bytes"] += nbytes
+            if opts.progress:
+                opts.progress(state["done"], len(plan.tensors), state["bytes"])
+
+    # Each worker runs single-threaded torch ops; parallelism comes from tensors in
+    # flight, so --threads N means N cores and results cannot depend on N.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # Largest first so the tail of the run is not one huge tensor on one thread.
+        order = sorted(plan.tensors, key=lambda t: -_numel(t.shape))
+        sched = MemoryScheduler([(cost(tp), tp) for tp in order], opts.memory_budget)
+        if opts.threads <= 1:
+            sched.work(one)
+        else:
+            with ThreadPoolExecutor(max_workers=opts.threads) as ex:
+                futures = [ex.submit(sched.work, one) for _ in range(opts.threads)]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    sched.stop()  # workers finish the tensor in hand, take no other
+                    raise
+    finally:
+        torch.set_num_threads(prev)
+    return state["bytes"]
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:

@@ -1,4 +1,4 @@
-"""Command line: plan, apply, show, validate, diff, review.
+"""Command line: plan, apply, show, validate, diff, eval, review.
 
 Known errors become one line on stderr and a non-zero exit; set MERGEPLAN_TRACEBACK=1 to
 see the traceback. Progress goes to stderr so stdout stays clean for --json.
@@ -215,6 +215,43 @@ def diff(
     else:
         print_diff(out, rows, plan_a, plan_b)
     raise typer.Exit(1 if rows else 0)
+
+
+@app.command(name="eval")
+def eval_(
+    targets: Annotated[list[str], typer.Argument(metavar="MODEL_DIR|PLAN...", help="Merged model directories, or plans (merged in memory, as apply would).")],
+    data: Annotated[list[str], typer.Option("--data", help="NAME=PATH per task, comma-separated or repeated; PATH as for calibration.data (text, JSONL, parquet, datasets dir, hf:NAME).")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives, or another fine-tune to score.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="The base model directory (when no plan names it).")] = None,
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Score only the given merges, not the base and fine-tunes (no recovered gain).")] = False,
+    samples: Annotated[int, typer.Option(help="Held-out records per task.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per record (longer records are truncated).")] = 512,
+    skip: Annotated[int, typer.Option(help="Skip the first N usable records of each source (e.g. the N calibration read).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="Scoring device: cpu (default), cuda, cuda:N, mps, auto. Plans are merged on the CPU.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="CPU threads for merging and scoring.")] = max(1, os.cpu_count() or 1),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout (no progress).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Held-out loss and token accuracy per task for merges beside the base and each fine-tune; recovered gain."""
+    for flag, v, lo in (("--samples", samples, 1), ("--seq-len", seq_len, 2), ("--skip", skip, 0),
+                        ("--batch-size", batch_size, 1), ("--threads", threads, 1), ("--bootstrap", bootstrap, 1)):
+        if v < lo:
+            raise MergeplanError(f"{flag} must be at least {lo}, got {v}")
+    from .evaluate.data import parse_data_spec
+    from .evaluate.report import dumps, print_report
+    from .evaluate.run import evaluate
+
+    report = evaluate(targets, parse_data_spec(data), remap=_parse_remap(model), base=base,
+                      baselines=not no_baselines, samples=samples, seq_len=seq_len, skip=skip,
+                      batch_size=batch_size, device=device, threads=threads, n_boot=bootstrap, seed=seed,
+                      quiet=quiet or as_json, console=err)
+    if as_json:
+        sys.stdout.write(dumps(report))
+    else:
+        print_report(out, report)
 
 
 @app.command()

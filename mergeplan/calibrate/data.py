@@ -202,17 +202,26 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def load_calib_set(source: str, recipe_dir: Path, tokenizer: Any, samples: int, seq_len: int) -> CalibSet:
-    """Read up to `samples` usable records of `source` and tokenise them (first records, in order)."""
+def load_calib_set(
+    source: str, recipe_dir: Path, tokenizer: Any, samples: int, seq_len: int, skip: int = 0
+) -> CalibSet:
+    """Read up to `samples` usable records of `source` and tokenise them (first records, in order).
+
+    `skip`: pass over the first `skip` usable records first (held-out evaluation skips what
+    a calibration with `samples: skip` on the same source read). Usable records are counted
+    as calibration counts them: records shorter than two tokens are not counted."""
     kind, docs = _open(source, recipe_dir)
     h = hashlib.sha256()
     out: list[list[int]] = []
-    read = skipped = 0
+    read = skipped = passed = 0
     for text, _where in docs:
         read += 1
         ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=seq_len)["input_ids"]
         if len(ids) < 2:
             skipped += 1
+            continue
+        if passed < skip:
+            passed += 1
             continue
         b = text.encode("utf-8")
         h.update(len(b).to_bytes(8, "little"))
@@ -223,6 +232,9 @@ def load_calib_set(source: str, recipe_dir: Path, tokenizer: Any, samples: int, 
     key = source if source.startswith("hf:") else Path(source).name
     cs = CalibSet(key, source, kind, out, pad_id_of(tokenizer), seq_len, read, h.hexdigest())
     if not out:
+        if passed:
+            raise MergeplanError(f"data {source} has only {passed} usable record(s), all skipped (skip {skip}); "
+                                 "lower the skip or give more records")
         why = f"{read} records, all shorter than two tokens" if read else "no records"
         raise MergeplanError(f"calibration data {source} is empty ({why}); give text to calibrate on")
     if skipped:

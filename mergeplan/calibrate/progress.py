@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class CalibProgress:
-    def __init__(self, quiet: bool = False, console: Console | None = None):
+    def __init__(self, quiet: bool = False, console: Console | None = None, prefix: str = "calibrate"):
         self.quiet = quiet
+        self.prefix = prefix  # the plain lines' first word: which command is working
         self.console = console or Console(stderr=True)
         self.tty = self.console.is_terminal
         self._progress: Progress | None = None
@@ -55,5 +56,5 @@ class CalibProgress:
 
         yield advance
         self.console.print(
-            f"calibrate: {description}: {done[0]}/{total} in {time.perf_counter() - t0:.1f}s", highlight=False
+            f"{self.prefix}: {description}: {done[0]}/{total} in {time.perf_counter() - t0:.1f}s", highlight=False
         )

@@ -1,4 +1,5 @@
-"""Write safetensors shards tensor by tensor, in any order, from several threads.
+"""Write safetensors shards tensor by tensor, in any order, from several threads; or,
+for an in-memory merge (`mergeplan eval`, tuning), keep the tensors (MemorySink).
 
 The header goes down first and the file is sized up front, so each tensor is one
 positioned write into its own byte range; the finished file is byte-identical to
@@ -144,6 +145,38 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+class MemorySink:
+    """Where the merge engine hands finished tensors when no output directory is wanted:
+    the same write(name, tensor) as ShardWriter, with the same checks (expected name,
+    dtype and shape, written once), into a dict. Thread-safe."""
+
+    def __init__(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self._expected = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want = self._expected.get(name)
+        if want is None:
+            raise MergeplanError(f"tensor {name!r} is not one of the plan's tensors")
+        if tensor.dtype != want[0] or tuple(tensor.shape) != want[1]:
+            raise MergeplanError(f"tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, "
+                                 f"the plan expects {want[0]}{list(want[1])}")
+        # The engine may hand a view of a buffer it reuses for the next tensor: keep a copy.
+        kept = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        with self._lock:
+            if name in self._tensors:
+                raise MergeplanError(f"tensor {name!r} merged twice")
+            self._tensors[name] = kept
+
+    def close(self) -> dict[str, torch.Tensor]:
+        """The tensors, in the plan's order; fails if any was not merged."""
+        missing = [n for n in self._expected if n not in self._tensors]
+        if missing:
+            raise MergeplanError(f"{len(missing)} tensor(s) were not merged (first: {missing[0]!r})")
+        return {n: self._tensors[n] for n in self._expected}
 
 
 def write_index(
