@@ -119,7 +119,7 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> T
     for task, e in expert_scores["search"].items():
         # A task whose expert is no better than the base on it has no gain to recover: its
         # ratio would divide by ~0 or flip sign. Left out of the objective, and said.
-        if e is not None and not e.loss < base_scores["search"][task].loss:
+        if objective.kind == "recovered_gain" and e is not None and not e.loss < base_scores["search"][task].loss:
             for split in expert_scores.values():
                 split[task] = None
             data.notes.append(f"tune: task {task}: its expert {data.experts[task]} is no better than the base "

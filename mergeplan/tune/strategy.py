@@ -73,13 +73,21 @@ class StudyAsker:
         else:
             sampler = optuna.samplers.GridSampler({d.path: d.grid() for d in dims}, seed=seed)
         self._dist = {d.path: self._distribution(d) for d in dims}
-        try:
-            self.study = optuna.create_study(
-                storage=storage, study_name=study, sampler=sampler, direction=direction,
-                load_if_exists=True,
-            )
-        except Exception as e:  # bad URL, unreachable database, a study made for the other direction
-            raise MergeplanError(f"tune.storage {storage!r}: cannot open the study ({type(e).__name__}: {e})") from None
+        # Workers started together race to create the database's tables and the study: the
+        # loser sees an integrity error and succeeds on a retry, once the tables exist.
+        for attempt in range(5):
+            try:
+                self.study = optuna.create_study(
+                    storage=storage, study_name=study, sampler=sampler, direction=direction,
+                    load_if_exists=True,
+                )
+                break
+            except Exception as e:  # bad URL, unreachable database, a study made for the other direction
+                if attempt < 4 and "IntegrityError" in f"{type(e).__name__} {e}":
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise MergeplanError(f"tune.storage {storage!r}: cannot open the study ({type(e).__name__}: {first})") from None
 
     def _distribution(self, d: Dim):
         dist = self._optuna.distributions
