@@ -449,6 +449,12 @@ def check_tune(recipe: Recipe, lines: dict[tuple[Any, ...], int]) -> None:
             elif parts[0] == "models" and len(parts) == 3 and recipe.base_model is not None and parts[1] == recipe.base_model.name:
                 why = f"; '{parts[1]}' is the base model, which takes no per-model parameters"
             raise fail(loc, f"tune.space.{path} names nothing the recipe can vary{hint}{why}; searchable: {', '.join(known)}")
+        if parts[0] == "parameters" and recipe.models and all(parts[1] in (m.parameters or {}) for m in recipe.models):
+            # mergekit's rule: a model's own value wins over the top-level one, so this
+            # dimension would change nothing and every candidate would score the same.
+            raise fail(loc, f"tune.space.{path} changes nothing: every model sets its own {parts[1]}, which "
+                            f"wins over parameters.{parts[1]}; search models.ID.{parts[1]} instead, or drop "
+                            f"{parts[1]} from the models' parameters")
         if isinstance(dim, Range):
             name = _param_name(path)
             kind = KINDS.get(name or "", "float") if not parts[0] == "guides" else "float"
