@@ -10,29 +10,30 @@ import pytest
 
 from mergeplan.evaluate.score import SampleScores
 from mergeplan.tune.objective import Objective, margin, within_noise
-from mergeplan.tune.space import dims_from_space, grid, grid_size, random_draws
+from mergeplan.tune.space import grid, grid_size, random_draws
 from mergeplan.tune.strategy import make_asker
 
-SPACE = {
-    "merge_method": ["ties", "dare_ties"],
-    "parameters.density": {"low": 0.2, "high": 0.8, "step": 0.3},
-    "models.math.weight": {"low": 0.5, "high": 1.5},
-}
+from mergeplan.recipe.tune import Dimension
+
+DIMS = [
+    Dimension("merge_method", "categorical", choices=("ties", "dare_ties")),
+    Dimension("parameters.density", "float", low=0.2, high=0.8, step=0.3),
+    Dimension("models.math.weight", "float", low=0.5, high=1.5),
+]
 
 
 def test_grid_is_the_cartesian_product_in_recipe_order():
-    dims = dims_from_space(SPACE)
+    dims = [DIMS[0], DIMS[1], Dimension("parameters.normalize", "categorical", choices=(True, False))]
     got = list(grid(dims))
-    want = [dict(zip(SPACE, c)) for c in itertools.product(["ties", "dare_ties"], [0.2, 0.5, 0.8], [0.5, 1.0, 1.5])]
+    want = [dict(zip([d.path for d in dims], c)) for c in itertools.product(["ties", "dare_ties"], [0.2, 0.5, 0.8], [True, False])]
     assert got == want
-    assert grid_size(dims) == 18
+    assert grid_size(dims) == 12 and grid_size(DIMS) is None
 
 
 def test_random_draws_are_seeded_in_range_and_distinct():
-    dims = dims_from_space(SPACE)
-    a = list(itertools.islice(random_draws(dims, 7), 12))
-    assert a == list(itertools.islice(random_draws(dims, 7), 12))
-    assert a != list(itertools.islice(random_draws(dims, 8), 12))
+    a = list(itertools.islice(random_draws(DIMS, 7), 12))
+    assert a == list(itertools.islice(random_draws(DIMS, 7), 12))
+    assert a != list(itertools.islice(random_draws(DIMS, 8), 12))
     assert len({repr(sorted(x.items())) for x in a}) == 12
     for x in a:
         assert x["merge_method"] in ("ties", "dare_ties")
@@ -41,14 +42,18 @@ def test_random_draws_are_seeded_in_range_and_distinct():
 
 
 def test_random_draws_stop_when_a_finite_space_is_exhausted():
-    dims = dims_from_space({"a": [1, 2, 3], "b": {"low": 0, "high": 2, "step": 1}})
-    assert sorted(map(lambda d: (d["a"], d["b"]), random_draws(dims, 0))) == [(a, b) for a in (1, 2, 3) for b in (0, 1, 2)]
+    dims = [Dimension("a", "categorical", choices=(1, 2, 3)), Dimension("parameters.n", "int", low=0, high=2, step=1)]
+    got = sorted((d["a"], d["parameters.n"]) for d in random_draws(dims, 0))
+    assert got == [(a, b) for a in (1, 2, 3) for b in (0, 1, 2)]
 
 
-def test_integer_ranges_stay_integers():
-    (d,) = dims_from_space({"parameters.n": {"low": 4, "high": 16}})
-    assert d.integer and d.grid() == [4, 10, 16]
-    assert all(isinstance(v["parameters.n"], int) for v in itertools.islice(random_draws([d], 1), 5))
+def test_integer_ranges_stay_integers_and_log_ranges_stay_in_bounds():
+    n = Dimension("parameters.n", "int", low=4, high=16)
+    lr = Dimension("guides.sens.temperature", "float", low=0.1, high=10.0, log=True)
+    draws = list(itertools.islice(random_draws([n, lr], 1), 50))
+    assert all(isinstance(d["parameters.n"], int) and 4 <= d["parameters.n"] <= 16 for d in draws)
+    t = np.array([d["guides.sens.temperature"] for d in draws])
+    assert (0.1 <= t).all() and (t <= 10).all() and (t < 1).sum() > 10  # log-uniform: half below 1
 
 
 def _ts(losses, tokens):
@@ -96,7 +101,7 @@ def test_bootstrap_margin_separates_a_real_win_from_noise():
 
 
 def test_grid_asker_walks_the_grid_then_stops():
-    dims = dims_from_space({"a": [1, 2], "b": [True, False]})
+    dims = [Dimension("a", "categorical", choices=(1, 2)), Dimension("b", "categorical", choices=(True, False))]
     asker = make_asker(dims, "grid", 0, "maximize")
     seen = []
     while (x := asker.ask()) is not None:

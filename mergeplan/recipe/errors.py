@@ -46,7 +46,7 @@ def _clean(loc: Sequence[Any]) -> Loc:
     return tuple(p for p in loc if isinstance(p, int) or not (p.startswith("function-") or p in _TAGS))
 
 
-_TAGS = frozenset({"ref-text", "ref-mapping", "str", "int", "float", "bool", "dict[str,str]"})
+_TAGS = frozenset({"ref-text", "ref-mapping", "space-choices", "space-range", "str", "int", "float", "bool", "dict[str,str]"})
 
 
 def _line(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
@@ -68,8 +68,9 @@ def _message(err: Mapping[str, Any], loc: Loc, full: Loc) -> str:
     if err["type"] == "extra_forbidden":
         parent, key = key_path(loc[:-1]) or "the recipe", loc[-1]
         return f"unknown key '{key}' in {parent}; remove it (see docs/recipe.md for the keys)"
-    shown = err.get("input")
-    return f"{here_s}: {msg[0].lower() + msg[1:]}, got {shown!r}"
+    shown = repr(err.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{here_s}: {msg[0].lower() + msg[1:]}, got {shown}"
 
 
 def to_mergeplan_error(

@@ -80,8 +80,10 @@ def number(lo: float, hi: float, lo_open: bool = False) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def integer(lo: int) -> BeforeValidator:
-    def check(v: Any) -> int:
+def integer(lo: int, optional: bool = False) -> BeforeValidator:
+    def check(v: Any) -> Any:
+        if v is None and optional:
+            return None
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise issue(f"{{here}} must be an integer >= {lo}, got {v!r}")
         return v

@@ -148,7 +148,7 @@ class ModelEntry(Section):
 def _models(v: Any) -> Any:
     if not isinstance(v, list) or not v:
         raise issue("'models' must be a non-empty list of entries like `- model: PATH`")
-    return [_entry(e) if isinstance(e, str) or isinstance(e, dict) else e for e in v]
+    return v
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -337,7 +337,7 @@ class RecipeSchema(Section):
     tokenizer_source: Annotated[Optional[str], BeforeValidator(_tokenizer_source)] = None
     tokenizer: Optional[TokenizerSection] = None
     base_model: Optional[ModelReference] = None
-    models: Annotated[list[ModelEntry], BeforeValidator(_models)]
+    models: Annotated[list[Annotated[ModelEntry, BeforeValidator(_entry)]], BeforeValidator(_models)]
     parameters: ParamBlock = {}
     dtype: Annotated[Optional[str], BeforeValidator(_dtype)] = None
     out_dtype: Annotated[Optional[str], BeforeValidator(_dtype)] = None

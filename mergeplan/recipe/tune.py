@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
-from pydantic import BeforeValidator, model_validator
+from pydantic import BeforeValidator, Discriminator, Tag, model_validator
 
 from mergeplan.errors import MergeplanError
 from mergeplan.recipe.errors import issue, key_path
@@ -143,20 +143,18 @@ class Range(Section):
     step: Optional[float] = None
     log: bool = False
 
-    @model_validator(mode="before")
     @classmethod
-    def _numbers(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            for key in ("low", "high"):
-                if key not in v:
-                    raise issue(f"{{here}} is missing '{key}'; a range is {{low: A, high: B}}")
-            for key in ("low", "high", "step"):
-                x = v.get(key)
-                if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
-                    raise issue(f"{{full}} must be a number, got {x!r}", key)
-            if "log" in v and not isinstance(v["log"], bool):
-                raise issue(f"{{full}} must be true or false, got {v['log']!r}", "log")
-        return v
+    def check_keys(cls, v: dict[str, Any]) -> None:
+        super().check_keys(v)
+        for key in ("low", "high"):
+            if key not in v:
+                raise issue(f"{{here}} is missing '{key}'; a range is {{low: A, high: B}}")
+        for key in ("low", "high", "step"):
+            x = v.get(key)
+            if (x is not None or key != "step") and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+                raise issue(f"{{full}} must be a number, got {x!r}", key)
+        if "log" in v and not isinstance(v["log"], bool):
+            raise issue(f"{{full}} must be true or false, got {v['log']!r}", "log")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Range":
@@ -194,7 +192,15 @@ def _dimension(v: Any) -> Any:
     )
 
 
-Choice = Union[tuple[Any, ...], Range]
+def _choice_or_range(v: Any) -> str:
+    return "space-range" if isinstance(v, (dict, Range)) else "space-choices"
+
+
+# Tags name the union's members in error locations; errors.py leaves them out.
+Choice = Annotated[
+    Union[Annotated[tuple[Any, ...], Tag("space-choices")], Annotated[Range, Tag("space-range")]],
+    Discriminator(_choice_or_range),
+]
 
 
 def _space(v: Any) -> Any:
@@ -211,7 +217,7 @@ class TuneSpec(Section):
 
     example = "`tune: {candidates: 16, space: {...}}`"
     strategy: Literal["grid", "random", "tpe"] = "random"
-    candidates: Annotated[Optional[int], integer(1)] = None
+    candidates: Annotated[Optional[int], integer(1, optional=True)] = None
     time: Annotated[Optional[float], BeforeValidator(_duration)] = None  # seconds
     seed: Annotated[int, integer(0)] = 0
     objective: Objective = Objective()
@@ -256,7 +262,7 @@ class TuneSpec(Section):
             for path, dim in self.space.items():
                 if isinstance(dim, Range) and dim.step is None:
                     raise issue(
-                        f"{{here}}.{path}: grid search needs finite choices; give a list or {{low, high, step}}",
+                        f"{{here}}.space.{path}: grid search needs finite choices; give a list or {{low, high, step}}",
                         "space", path,
                     )
         return self
@@ -449,12 +455,7 @@ def check_tune(recipe: Recipe, lines: dict[tuple[Any, ...], int]) -> None:
             elif parts[0] == "models" and len(parts) == 3 and recipe.base_model is not None and parts[1] == recipe.base_model.name:
                 why = f"; '{parts[1]}' is the base model, which takes no per-model parameters"
             raise fail(loc, f"tune.space.{path} names nothing the recipe can vary{hint}{why}; searchable: {', '.join(known)}")
-        if parts[0] == "parameters" and recipe.models and all(parts[1] in (m.parameters or {}) for m in recipe.models):
-            # mergekit's rule: a model's own value wins over the top-level one, so this
-            # dimension would change nothing and every candidate would score the same.
-            raise fail(loc, f"tune.space.{path} changes nothing: every model sets its own {parts[1]}, which "
-                            f"wins over parameters.{parts[1]}; search models.ID.{parts[1]} instead, or drop "
-                            f"{parts[1]} from the models' parameters")
+        _check_not_shadowed(recipe, path, fail)
         if isinstance(dim, Range):
             name = _param_name(path)
             kind = KINDS.get(name or "", "float") if not parts[0] == "guides" else "float"
@@ -474,6 +475,24 @@ def check_tune(recipe: Recipe, lines: dict[tuple[Any, ...], int]) -> None:
                 what = f"value {value!r}" if not isinstance(at, str) else f"{at} {value!r}"
                 raise fail(loc + (at,), f"tune.space.{path}: {what} cannot be used: {reason}") from None
     _check_tasks(recipe, spec, fail)
+
+
+def _check_not_shadowed(recipe: Recipe, path: str, fail: Any) -> None:
+    """A top-level value every model overrides everywhere would be searched for nothing."""
+    parts = path.split(".")
+    if parts[0] != "parameters" or len(parts) != 2:
+        return
+    name = parts[1]
+    if name not in rules()[recipe.merge_method].model_params:
+        return
+    own = [m.parameters.get(name) for m in recipe.models]
+    if own and all(pv is not None and not pv.is_conditional for pv in own):
+        lines = ", ".join(str(pv.line) for pv in own)
+        raise fail(
+            ("tune", "space", path),
+            f"tune.space.{path} would change nothing: every model sets its own {name} (lines {lines}), "
+            f"which wins over the top level; search models.ID.{name} instead, or drop the per-model values",
+        )
 
 
 def _check_tasks(recipe: Recipe, spec: TuneSpec, fail: Any) -> None:

@@ -31,7 +31,6 @@ from mergeplan.evaluate.score import SampleScores
 from mergeplan.plan.model import Plan
 from mergeplan.tune.objective import Objective, margin, within_noise
 from mergeplan.tune.record import tuning_record
-from mergeplan.tune.space import Dim, dims_from_space
 from mergeplan.tune.split import HeldOutData, load_heldout
 from mergeplan.tune.strategy import make_asker
 
@@ -96,7 +95,7 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> T
     from mergeplan.planner import PlanOptions, build_plan, calibrate_recipe
 
     spec = recipe.tune
-    dims = dims_from_space(spec.space)
+    dims = spec.dimensions()
     objective = objective_of(spec)
     base_opts = PlanOptions(device=opts.device, threads=opts.threads, quiet=True, remap=dict(opts.remap),
                             memory_budget=opts.memory_budget)
@@ -230,11 +229,11 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> T
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _guided(recipe, dims: list[Dim]) -> bool:
+def _guided(recipe, dims: list) -> bool:
     return bool(recipe.guides) or any(d.path.startswith("guides.") for d in dims)
 
 
-def _guide_variants(recipe, dims: list[Dim]) -> list:
+def _guide_variants(recipe, dims: list) -> list:
     """Guide option sets whose union covers every candidate: the recipe's own, and one per
     choice of each categorical guide dimension (ranges over guide options change only the
     decision math, which the same statistics serve)."""
@@ -242,8 +241,8 @@ def _guide_variants(recipe, dims: list[Dim]) -> list:
 
     out = [parse_guides(recipe.guides)]
     for d in dims:
-        if d.path.startswith("guides.") and d.categorical:
-            for v in d.values:
+        if d.path.startswith("guides.") and d.kind == "categorical":
+            for v in d.choices:
                 out.append(parse_guides(recipe.with_assignment({d.path: v}).guides))
     return out
 

@@ -12,7 +12,7 @@ import time
 from typing import Any, Iterator
 
 from mergeplan.errors import MergeplanError
-from mergeplan.tune.space import Dim, grid, random_draws
+from mergeplan.tune.space import cast, grid, random_draws, values
 
 
 class IterAsker:
@@ -60,7 +60,7 @@ class StudyAsker:
 
     shared = True
 
-    def __init__(self, dims: list[Dim], strategy: str, seed: int, direction: str,
+    def __init__(self, dims: list, strategy: str, seed: int, direction: str,
                  storage: str | None, study: str | None, budget: int | None):
         optuna = _optuna()
         self._optuna = optuna
@@ -71,7 +71,7 @@ class StudyAsker:
         elif strategy == "random":
             sampler = optuna.samplers.RandomSampler(seed=seed)
         else:
-            sampler = optuna.samplers.GridSampler({d.path: d.grid() for d in dims}, seed=seed)
+            sampler = optuna.samplers.GridSampler({d.path: list(values(d)) for d in dims}, seed=seed)
         self._dist = {d.path: self._distribution(d) for d in dims}
         # Workers started together race to create the database's tables and the study: the
         # loser sees an integrity error and succeeds on a retry, once the tables exist.
@@ -89,13 +89,16 @@ class StudyAsker:
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise MergeplanError(f"tune.storage {storage!r}: cannot open the study ({type(e).__name__}: {first})") from None
 
-    def _distribution(self, d: Dim):
+    def _distribution(self, d):
         dist = self._optuna.distributions
-        if d.categorical or self_grid_only(d):
-            return dist.CategoricalDistribution(list(d.values) if d.categorical else d.grid())
-        if d.integer:
-            return dist.IntDistribution(int(d.low), int(d.high), log=d.log, step=int(d.step or 1))
-        return dist.FloatDistribution(float(d.low), float(d.high), log=d.log, step=d.step)
+        finite = values(d)
+        if finite is not None:
+            # Stepped ranges are offered as their grid points, so every worker and the plan
+            # name exactly the values a grid would.
+            return dist.CategoricalDistribution(list(finite))
+        if d.kind == "int":
+            return dist.IntDistribution(int(d.low), int(d.high), log=d.log)
+        return dist.FloatDistribution(float(d.low), float(d.high), log=d.log)
 
     def _counted(self) -> int:
         states = (self._optuna.trial.TrialState.COMPLETE, self._optuna.trial.TrialState.RUNNING)
@@ -105,8 +108,7 @@ class StudyAsker:
         if self.budget is not None and self._counted() >= self.budget:
             return None
         trial = self.study.ask(self._dist)
-        return trial, {d.path: d.cast(trial.params[d.path]) if not d.categorical else trial.params[d.path]
-                       for d in self.dims}
+        return trial, {d.path: cast(d, trial.params[d.path]) for d in self.dims}
 
     def tell(self, handle: Any, value: float | None, attrs: dict[str, Any]) -> None:
         for k, v in attrs.items():
@@ -125,13 +127,7 @@ class StudyAsker:
         return out
 
 
-def self_grid_only(d: Dim) -> bool:
-    """A stepped float range is offered to Optuna as its grid points, so every worker and the
-    plan name exactly the values a grid would."""
-    return bool(d.step) and not d.integer
-
-
-def make_asker(dims: list[Dim], strategy: str, seed: int, direction: str, storage: str | None = None,
+def make_asker(dims: list, strategy: str, seed: int, direction: str, storage: str | None = None,
                study: str | None = None, budget: int | None = None):
     if strategy == "tpe" or storage:
         return StudyAsker(dims, strategy, seed, direction, storage, study or "mergeplan", budget)
