@@ -1,6 +1,6 @@
 """Loss of the base, each fine-tune and merged model(s) on every task of a tiny family.
 
-    python samples/evaluate.py FAMILY_DIR MERGED_DIR|PLAN [MERGED_DIR|PLAN ...] [--threads N]
+    python samples/evaluate.py FAMILY_DIR MERGED_DIR|PLAN [MERGED_DIR|PLAN ...] [--threads N] [--records N]
 
 Lower is better; a good merge sits near each fine-tune on its own task. A PLAN is merged
 in memory (as `mergeplan apply` would, without writing it). Texts are each task's data
@@ -25,10 +25,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("family")
     ap.add_argument("merged", nargs="+", help="merged model directories or plan files")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--records", type=int, default=MAX_RECORDS, help="records per task (the first ones)")
     ap.add_argument("--quiet", "-q", action="store_true")
     args = ap.parse_args(argv)
-    if args.threads < 1:
-        ap.error("--threads must be at least 1")
+    if args.threads < 1 or args.records < 1:
+        ap.error("--threads and --records must be at least 1")
 
     import torch  # after argument parsing: --help stays instant
 
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     try:
         tok = load_tokenizer(family / "base")
-        sets = {t: texts_set(t, [record_text(r) for r in read_records(p)][:MAX_RECORDS], tok, SEQ_LEN, str(p))
+        sets = {t: texts_set(t, [record_text(r) for r in read_records(p)][: args.records], tok, SEQ_LEN, str(p))
                 for t, p in data_paths(family).items()}
         models = {n: family / n for n in ("base", "math", "code", "legal") if (family / n).is_dir()}
         models.update({Path(m).name: Path(m) for m in args.merged})

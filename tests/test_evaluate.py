@@ -210,3 +210,26 @@ def test_eval_checks_the_plans_inputs_as_apply_does(tiny_family, tmp_path, capsy
     code, _, err = run_cli(capsys, "eval", tmp_path / "t.plan", "--data", f"math={tiny_family.data['math']}",
                            "--no-baselines", "--samples", "2", "--seq-len", "16", "--threads", "1")
     assert_one_line_error(code, err, "code")
+
+
+def test_tied_embeddings_load_from_the_merged_tensors(family_builder, tmp_path):
+    fam = family_builder.build_family(tmp_path / "tied", steps=0, seed=1, tied=True, hidden=32, layers=2)
+    plan, _ = _plan(fam, tmp_path, "task_arithmetic", "weight: 0.4")
+    assert "lm_head.weight" not in {t.name for t in plan.tensors}
+    apply_plan(plan, tmp_path / "out", ApplyOptions())
+    mem = load_merged(plan, merge_in_memory(plan))
+    assert mem.get_output_embeddings().weight is mem.get_input_embeddings().weight
+    disk = load_model_dir(tmp_path / "out", torch.device("cpu"))
+    ids = torch.tensor([[1, 5, 9, 40, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(mem(input_ids=ids).logits, disk(input_ids=ids).logits)
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_errors(family_builder, tiny_family, tmp_path):
+    from mergeplan.errors import MergeplanError
+
+    other = family_builder.build_family(tmp_path / "small", steps=0, seed=1, hidden=32, layers=2)
+    plan, _ = _plan(tiny_family, tmp_path, "task_arithmetic", "weight: 0.4")
+    with pytest.raises(MergeplanError, match="do not fit") as e:
+        load_merged(plan, merge_in_memory(plan), model_dir=other.base)
+    assert "\n" not in str(e.value)

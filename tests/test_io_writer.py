@@ -263,3 +263,23 @@ def test_ftruncate_fallback_still_byte_identical(tmp_path, monkeypatch):
     write_all(tmp_path, tensors, order="shuffle")
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_memory_sink_keeps_copies_and_checks_what_it_is_given():
+    from mergeplan.io.writer import MemorySink
+
+    sink = MemorySink([("a", torch.float32, (2, 3)), ("b", torch.bfloat16, (4,))])
+    buf = torch.arange(6, dtype=torch.float32)
+    sink.write("a", buf.view(2, 3))
+    buf.zero_()  # the engine reuses its output buffer for the next tensor
+    with pytest.raises(MergeplanError, match="not one of the plan's tensors"):
+        sink.write("c", torch.zeros(1))
+    with pytest.raises(MergeplanError, match="expects torch.bfloat16"):
+        sink.write("b", torch.zeros(4))
+    with pytest.raises(MergeplanError, match="merged twice"):
+        sink.write("a", torch.zeros(2, 3))
+    with pytest.raises(MergeplanError, match="1 tensor\\(s\\) were not merged"):
+        sink.close()
+    sink.write("b", torch.ones(4, dtype=torch.bfloat16))
+    got = sink.close()
+    assert list(got) == ["a", "b"] and torch.equal(got["a"], torch.arange(6.0).view(2, 3))

@@ -17,7 +17,7 @@ baselines, experts, one model resident at a time), report.py (tables, JSON).
 Importing this package imports torch.
 """
 
-from mergeplan.evaluate.data import EvalSet, load_eval_sets, parse_data_spec
+from mergeplan.evaluate.data import EvalSet, load_eval_sets, parse_data_spec, texts_set
 from mergeplan.evaluate.memory import load_merged, merge_in_memory
 from mergeplan.evaluate.score import SampleScores, score_model
 from mergeplan.evaluate.stats import (
@@ -35,5 +35,5 @@ from mergeplan.evaluate.stats import (
 __all__ = [
     "EvalSet", "Interval", "SampleScores", "bootstrap_ci", "load_eval_sets", "load_merged", "mean_gain",
     "mean_loss", "merge_in_memory", "parse_data_spec", "recovered_gain", "resample", "score_model", "sizes_of",
-    "task_gain", "task_loss",
+    "task_gain", "task_loss", "texts_set",
 ]

@@ -29,14 +29,16 @@ def merge_in_memory(
     plan_path: str | None = None,
     progress: Callable[[int, int, int], None] | None = None,
     note: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Merge `plan` as `mergeplan apply` does, into memory. `remap`: model id -> path (as
-    --model); `progress(done, total, bytes read)` after each tensor."""
+    --model); `progress(done, total, bytes read)` after each tensor; `device`: the compute
+    device, as `apply --device` (the CPU default is what apply writes by default)."""
     from mergeplan.apply import ApplyOptions
     from mergeplan.apply import merge_in_memory as _merge
 
     opts = ApplyOptions(threads=max(1, threads), remap=dict(remap or {}), plan_path=plan_path,
-                        progress=progress, note=note)
+                        progress=progress, note=note, device=torch.device(device))
     return _merge(plan, opts)
 
 
@@ -75,8 +77,15 @@ def load_merged(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for name in list(tensors):
-        state[name] = tensors.pop(name).to(dtype)
-    res = model.load_state_dict(state, strict=False)
+        state[name] = tensors.pop(name).to(dtype).contiguous()
+    # assign: the module takes these tensors as its weights instead of copying them, so
+    # the merged weights are in memory once (the uninitialised ones are never touched).
+    try:
+        res = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that differ from the config's
+        first = str(e).strip().splitlines()[-1].strip()
+        raise MergeplanError(f"the merged weights do not fit {type(model).__name__} from {where}/config.json "
+                             f"({first}); the plan's models do not match that config") from None
     model.tie_weights()
     loaded = {id(p) for n, p in model.named_parameters() if n in state}
     missing = [k for k in res.missing_keys if not _tied_to_loaded(model, k, loaded)]

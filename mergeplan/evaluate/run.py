@@ -170,6 +170,27 @@ def load_model_dir(path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def merged_model(plan, threads: int = 1, device: torch.device | str = "cpu", remap: dict[str, str] | None = None,
+                 plan_path: str | None = None, progress=None) -> torch.nn.Module:
+    """A plan merged in memory (on the CPU, as apply) and loaded on `device`, ready to score."""
+    from mergeplan.evaluate.memory import load_merged, merge_in_memory
+
+    tensors = merge_in_memory(plan, threads=threads, remap=remap, plan_path=plan_path, progress=progress)
+    return load_merged(plan, tensors, device=device, remap=remap, plan_path=plan_path)
+
+
+def score_plan(plan, sets: dict[str, EvalSet], threads: int = 1, device: torch.device | str = "cpu",
+               batch_size: int = 8, remap: dict[str, str] | None = None,
+               plan_path: str | None = None) -> dict[str, SampleScores]:
+    """Merge `plan` in memory, score it on `sets`, free it: what a search calls per candidate."""
+    model = merged_model(plan, threads, device, remap, plan_path)
+    try:
+        return score_model(model, sets, device, batch_size)
+    finally:
+        del model
+        gc.collect()
+
+
 def evaluate(
     items: list[str],
     data: dict[str, str],
@@ -193,7 +214,6 @@ def evaluate(
     from mergeplan.calibrate.models import load_tokenizer
     from mergeplan.calibrate.progress import CalibProgress
     from mergeplan.devices import pick_device
-    from mergeplan.evaluate.memory import load_merged, merge_in_memory
 
     _quiet_transformers()
     remap = dict(remap or {})
@@ -210,16 +230,13 @@ def evaluate(
         with CalibProgress(quiet, console=console, prefix="eval") as progress:
             for t in [*rows, *merges]:
                 t0 = time.perf_counter()
+                total = sum(-(-len(es.samples) // batch_size) for es in tasks.values())
                 if t.plan is not None:
                     with progress.task(f"{t.name} · merge in memory", len(t.plan.tensors)) as adv:
-                        tensors = merge_in_memory(t.plan, threads=threads, remap=plan_remap(t.plan, remap),
-                                                  plan_path=str(t.path), progress=lambda *_: adv())
-                    model = load_merged(t.plan, tensors, device=dev, remap=plan_remap(t.plan, remap),
-                                        plan_path=str(t.path))
-                    torch.set_num_threads(max(1, threads))  # the merge ran its workers single-threaded
+                        model = merged_model(t.plan, threads=threads, device=dev, remap=plan_remap(t.plan, remap),
+                                             plan_path=str(t.path), progress=lambda *_: adv())
                 else:
                     model = load_model_dir(t.path, dev)
-                total = sum(-(-len(es.samples) // batch_size) for es in tasks.values())
                 with progress.task(f"{t.name} · score {len(tasks)} task(s)", total) as adv:
                     scores = score_model(model, tasks, dev, batch_size, advance=lambda _t: adv())
                 del model
