@@ -158,8 +158,8 @@ tune:
 def test_two_workers_share_one_sqlite_study(tiny_family, tmp_path):
     pytest.importorskip("optuna")
     db = tmp_path / "study.db"
-    tune = f"""  strategy: random
-  candidates: 6
+    tune = f"""  strategy: tpe
+  candidates: 4
   objective: {{loss: {{math: 1.0}}}}
   heldout: {{samples: 3, test: 0}}
   storage: sqlite:///{db}
@@ -177,10 +177,10 @@ def test_two_workers_share_one_sqlite_study(tiny_family, tmp_path):
         assert p.returncode == 0, err[-2000:]
     with sqlite3.connect(db) as con:
         done = con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
-    assert 6 <= done <= 7  # the budget counts both workers' trials (one may start as the other ends)
+    assert 4 <= done <= 5  # the budget counts both workers' trials (one may start as the other ends)
     plans = [read_plan(tmp_path / f"w{i}.plan") for i in range(2)]
     searched = [len(p.tuning["candidates"]) - 1 for p in plans]
-    assert all(n >= 1 for n in searched) and sum(n for n in searched) >= 6
+    assert all(n >= 1 for n in searched) and sum(n for n in searched) >= 4
     # The worker that finished last saw every trial: its plan is the study's best (or the recipe's).
     with sqlite3.connect(db) as con:
         best = con.execute("select min(value) from trial_values").fetchone()[0]

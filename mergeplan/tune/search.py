@@ -254,15 +254,12 @@ def _device(name: str) -> torch.device:
 
 
 def _score_plan(plan: Plan, sets, dev, threads: int) -> Scores:
-    from mergeplan.evaluate.memory import load_merged, merge_in_memory
-    from mergeplan.evaluate.score import score_model
+    from mergeplan.evaluate.run import score_plan
 
     prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
     try:
-        tensors = merge_in_memory(plan, threads=threads)
-        model = load_merged(plan, tensors, device=dev)
-        torch.set_num_threads(max(1, threads))
-        return score_model(model, sets, dev)
+        return score_plan(plan, sets, threads=threads, device=dev)
     finally:
         torch.set_num_threads(prev)
 
