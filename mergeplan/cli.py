@@ -115,6 +115,29 @@ def _tuned_plan(rec, opts, quiet: bool, output: Path, force: bool):
     return res.plan
 
 
+@app.command()
+def pick(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="A plan made by a `tune:` search.")],
+    candidate: Annotated[int, typer.Argument(metavar="N", help="The candidate's number (# in the tuning table).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Plan file to write.")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
+    device: Annotated[str, typer.Option(help="Calibration device: auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    threads: Annotated[int, typer.Option(help="Worker threads for mask computation.")] = max(1, os.cpu_count() or 1),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
+) -> None:
+    """Re-plan a tuned plan with another candidate's values (the inputs must be unchanged)."""
+    from .plan.codec import read_plan, write_plan
+    from .plan.identity import decision_digest
+    from .tune.pick import pick as pick_candidate
+
+    _check_plan_output(output, force)
+    p = pick_candidate(read_plan(plan_file), candidate, _parse_remap(model), str(plan_file), device, threads)
+    _check_plan_output(output, force)
+    write_plan(p, output)
+    err.print(f"wrote {_markup(output)}: candidate #{candidate} of {_markup(plan_file)}")
+    out.print(decision_digest(p))
+
+
 def _check_plan_output(output: Path, force: bool) -> None:
     if output.is_dir():
         raise MergeplanError(f"{output} is a directory; give the plan file's path, e.g. -o {output}/merge.plan")

@@ -217,3 +217,36 @@ def test_ctrl_c_keeps_the_best_so_far(tiny_family, tmp_path):
     assert 3 <= n < 200
     assert t["chosen"] == min(t["candidates"], key=lambda c: c["score"])["id"]
     assert "interrupted" in rest
+
+
+def test_pick_replans_another_candidate(grid_run, tmp_path, capsys):
+    """`mergeplan pick` gives the plan the search would have written had it chosen N."""
+    from mergeplan.planner import PlanOptions, build_plan
+    from mergeplan.recipe import load_recipe
+
+    recipe, plan_path, _ = grid_run
+    tuned = read_plan(plan_path)
+    other = next(c for c in tuned.tuning["candidates"] if c["id"] not in (0, tuned.tuning["chosen"]))
+    out = tmp_path / "picked.plan"
+    code, stdout, err = run_cli(capsys, "pick", plan_path, str(other["id"]), "-o", out)
+    assert code == 0, err
+    picked = read_plan(out)
+    direct = build_plan(load_recipe(recipe).with_assignment(other["assignment"]), PlanOptions(quiet=True))
+    assert decision_digest(picked) == decision_digest(direct) == stdout.strip()
+    assert picked.tuning["chosen"] == other["id"] and picked.tuning["candidates"] == tuned.tuning["candidates"]
+    code, _, err = run_cli(capsys, "pick", plan_path, "99", "-o", tmp_path / "x.plan")
+    assert code != 0 and "no candidate #99" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pick_refuses_inputs_the_search_did_not_read(grid_run):
+    from mergeplan.errors import MergeplanError
+    from mergeplan.tune.pick import pick
+
+    _, plan_path, _ = grid_run
+    tuned = read_plan(plan_path)
+    fp = tuned.model("code").fingerprint
+    blob = bytearray(fp["tensor_blake3"])
+    blob[0] ^= 1  # as if the search had read a different first tensor
+    fp["tensor_blake3"] = bytes(blob)
+    with pytest.raises(MergeplanError, match="model code is not the one the search read"):
+        pick(tuned, 1, plan_path=str(plan_path))
