@@ -75,8 +75,10 @@ def plan(
     full_hash: Annotated[bool, typer.Option("--full-hash", help="Also record each shard's whole-file sha256 (reads every shard once more).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite PLAN if it exists (its edit log is lost).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    no_tune: Annotated[bool, typer.Option("--no-tune", help="Ignore the recipe's tune: section; plan the recipe as written.")] = False,
 ) -> None:
-    """Read a recipe, analyse the inputs (and calibrate, for guided recipes), write a plan."""
+    """Read a recipe, analyse the inputs (and calibrate, for guided recipes), write a plan.
+    With a `tune:` section: calibrate once, score candidates on held-out data, write the best."""
     from .planner import PlanOptions, build_plan
     from .plan.codec import write_plan
     from .plan.identity import decision_digest
@@ -90,14 +92,53 @@ def plan(
     if fast_hash:
         err.print("note: --fast-hash is no longer needed: tensor digests are computed while planning reads the weights")
     t0 = time.perf_counter()
-    with StageProgress(err, quiet) as prog:
-        p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
-                                        remap=_parse_remap(model), progress=prog.update))
+    if rec.tune is not None and not no_tune:
+        p = _tuned_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
+                                         remap=_parse_remap(model)), quiet, output, force)
+    else:
+        with StageProgress(err, quiet) as prog:
+            p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
+                                            remap=_parse_remap(model), progress=prog.update))
     _check_plan_output(output, force)  # it may have appeared while planning
     write_plan(p, output)
     if not quiet:
         err.print(f"wrote {_markup(output)} ({output.stat().st_size:,} bytes, {len(p.tensors)} tensors, "
                   f"{len(p.models)} models) in {time.perf_counter() - t0:.1f}s")
+    out.print(decision_digest(p))
+
+
+def _tuned_plan(rec, opts, quiet: bool, output: Path, force: bool):
+    from .tune.report import candidates_table, verdict_lines
+    from .tune.search import tune_plan
+
+    res = tune_plan(rec, opts, say=(lambda s: None) if quiet else (lambda s: err.print(_markup(s))))
+    if not quiet:
+        err.print(candidates_table(res.plan.tuning))
+        for line in verdict_lines(res.plan.tuning):
+            err.print(line)
+    return res.plan
+
+
+@app.command()
+def pick(
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="A plan made by a `tune:` search.")],
+    candidate: Annotated[int, typer.Argument(metavar="N", help="The candidate's number (# in the tuning table).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Plan file to write.")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
+    device: Annotated[str, typer.Option(help="Calibration device: auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    threads: Annotated[int, typer.Option(help="Worker threads for mask computation.")] = max(1, os.cpu_count() or 1),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
+) -> None:
+    """Re-plan a tuned plan with another candidate's values (the inputs must be unchanged)."""
+    from .plan.codec import read_plan, write_plan
+    from .plan.identity import decision_digest
+    from .tune.pick import pick as pick_candidate
+
+    _check_plan_output(output, force)
+    p = pick_candidate(read_plan(plan_file), candidate, _parse_remap(model), str(plan_file), device, threads)
+    _check_plan_output(output, force)
+    write_plan(p, output)
+    err.print(f"wrote {_markup(output)}: candidate #{candidate} of {_markup(plan_file)}")
     out.print(decision_digest(p))
 
 

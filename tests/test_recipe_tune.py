@@ -30,7 +30,7 @@ tune:
   objective: recovered_gain
   heldout:
     samples: 8
-    fraction: 0.25
+    test: 4
   storage: sqlite:///study.db
   study: ties-search
   space:
@@ -60,7 +60,7 @@ def test_the_documented_example_parses():
     t = parse_recipe(RECIPE + TUNE).tune
     assert (t.strategy, t.candidates, t.time, t.seed) == ("random", 16, 300.0, 3)
     assert t.objective.kind == "recovered_gain" and t.objective.higher_is_better
-    assert (t.heldout.data, t.heldout.samples, t.heldout.fraction) == (None, 8, 0.25)
+    assert (t.heldout.data, t.heldout.samples, t.heldout.test) == (None, 8, 4)
     assert (t.storage, t.study) == ("sqlite:///study.db", "ties-search")
     dims = {d.path: d for d in t.dimensions()}
     assert list(dims) == ["merge_method", "parameters.density", "parameters.normalize", "models.math.weight", "guides.aim.omega"]
@@ -119,7 +119,7 @@ def test_int_parameters_search_integers():
         ("    guides.aim.omega: [0.2]\n", {"time": "soon"}, 13, "tune.time must be a positive duration such as 300, '90s', '5m'"),
         ("    guides.aim.omega: [0.2]\n", {"objective": "{loss: {math: 1, legal: 2}}"}, 13, "tune.objective.loss.legal: unknown task 'legal'; tasks are the fine-tunes: math, code"),
         ("    guides.aim.omega: [0.2]\n", {"objective": "recovered"}, 13, "(did you mean 'recovered_gain'?)"),
-        ("    guides.aim.omega: [0.2]\n", {"heldout": "{data: {math: m.txt}, fraction: 0.3}"}, 13, "tune.heldout.fraction applies only when held-out data is split off"),
+        ("    guides.aim.omega: [0.2]\n", {"heldout": "{data: {math: m.txt}, test: -1}"}, 13, "tune.heldout.test"),
         ("    guides.aim.omega: [0.2]\n", {"budget": "3"}, 13, "unknown key 'budget' in tune"),
         ("    guides.aim.omega: [0.2]\n", {"storage": "study.db"}, 13, "tune.storage must be a database URL such as sqlite:///study.db"),
     ],

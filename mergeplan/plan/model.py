@@ -123,6 +123,10 @@ class Plan:
     # The model whose config and tokenizer files are copied when it is not the base:
     # `tokenizer_source: union` takes them from the model holding the union vocabulary (vocab.py).
     aux_model: str | None = None
+    # How a `tune:` search chose this plan (mergeplan/tune/record.py): the objective, the
+    # held-out split, every candidate with its scores and which one the plan is. None (and
+    # absent from the file) for a plan made without a search.
+    tuning: dict[str, Any] | None = None
 
     # -- lookups -------------------------------------------------------------------------
     @property

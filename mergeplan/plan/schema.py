@@ -361,8 +361,18 @@ PLAN = {
     "created": label,
     "edit_log": list_of(spec({"time": label, "tool": label, "changes": list_of(list_of(plain))})),
     "aux_model": optional(name),
+    "tuning": optional(spec({
+        "objective": spec({"kind": name, "direction": name}),
+        "strategy": name,
+        "chosen": integer(0, 2**31),
+        "candidates": list_of(spec({
+            "id": integer(0, 2**31), "assignment": map_of(plain, key=label), "score": optional(number),
+            "tasks": map_of(spec({"loss": number, "accuracy": number})),
+        }, required=("id", "assignment", "score"))),
+    }, required=("objective", "candidates", "chosen"))),
 }
-PLAN_OMITTED_WHEN_NONE = ("aux_model",)
+# Plan-level keys written only when set (see OMITTED_WHEN_NONE).
+PLAN_OMITTED_WHEN_NONE = ("aux_model", "tuning")
 
 
 def plan(d: Any) -> Plan:

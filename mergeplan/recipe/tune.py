@@ -85,23 +85,15 @@ def _heldout_data(v: Any) -> Any:
 
 
 class HeldOut(Section):
-    """Held-out evaluation data, disjoint from the calibration samples."""
+    """Held-out evaluation data, disjoint from the calibration samples (tune/split.py):
+    `samples` per task score the candidates, the `test` samples after them score only the
+    chosen plan and the recipe as written (default: as many as `samples`; 0: no test split)."""
 
-    example = "`heldout: {samples: 16, fraction: 0.25}`"
+    example = "`heldout: {samples: 16, test: 16}`"
     # task (model id) -> source, or one source; None: split off the calibration sources
     data: Annotated[Optional[Union[str, dict[str, str]]], BeforeValidator(_heldout_data)] = None
-    samples: Annotated[int, integer(1)] = 16  # per task
-    fraction: Annotated[float, number(0.0, 0.9, lo_open=True)] = 0.25  # of each calibration source
-
-    @model_validator(mode="after")
-    def _fraction_needs_split(self) -> "HeldOut":
-        if self.data is not None and "fraction" in self.model_fields_set:
-            raise issue(
-                "{full} applies only when held-out data is split off the calibration sources; "
-                "drop it, or drop heldout.data",
-                "fraction",
-            )
-        return self
+    samples: Annotated[int, integer(1)] = 16  # per task, for the search
+    test: Annotated[Optional[int], integer(0)] = None  # per task, for the final check
 
 
 def _weights(v: Any) -> Any:
@@ -249,8 +241,10 @@ class TuneSpec(Section):
 
     @model_validator(mode="after")
     def _budget(self) -> "TuneSpec":
-        if self.candidates is None and self.time is None:
-            raise issue("{here} needs a budget: add `candidates: N`, `time: 5m`, or both")
+        # A grid is its own budget (every point once); random and TPE draw without end.
+        if self.candidates is None and self.time is None and self.strategy != "grid":
+            raise issue("{here} needs a budget: add `candidates: N`, `time: 5m`, or both "
+                        "(only strategy grid may go without one)")
         if self.storage is not None and "://" not in self.storage:
             raise issue(
                 f"{{full}} must be a database URL such as sqlite:///study.db or "

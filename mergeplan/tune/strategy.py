@@ -1,0 +1,142 @@
+"""Where the next candidate comes from: grid, seeded random, or an Optuna study (TPE, or any
+strategy when the study is shared through a database by several workers).
+
+An asker hands out (handle, assignment) pairs and is told each candidate's objective value.
+Grid and random need nothing beyond numpy; Optuna is the optional `tune` extra, imported
+only when a study is asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+from mergeplan.errors import MergeplanError
+from mergeplan.tune.space import cast, grid, random_draws, values
+
+
+class IterAsker:
+    """Grid or random: a local, deterministic sequence; `tell` records only."""
+
+    shared = False
+
+    def __init__(self, it: Iterator[dict[str, Any]]):
+        self._it = it
+        self._n = 0
+
+    def ask(self) -> tuple[Any, dict[str, Any]] | None:
+        a = next(self._it, None)
+        if a is None:
+            return None
+        self._n += 1
+        return self._n, a
+
+    def tell(self, handle: Any, value: float | None, attrs: dict[str, Any]) -> None:
+        pass
+
+    def fail(self, handle: Any) -> None:
+        pass
+
+    def done(self) -> int:
+        return self._n
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise MergeplanError(
+            "tune.strategy tpe and tune.storage need Optuna: pip install 'mergeplan[tune]' "
+            "(or use strategy grid or random without storage)"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+class StudyAsker:
+    """An Optuna study, local (in memory) or shared through `storage` (sqlite:///x.db on one
+    machine; postgresql://... across machines). With a shared study the candidate budget
+    counts every worker's trials, so N workers together evaluate about `budget` candidates."""
+
+    shared = True
+
+    def __init__(self, dims: list, strategy: str, seed: int, direction: str,
+                 storage: str | None, study: str | None, budget: int | None):
+        optuna = _optuna()
+        self._optuna = optuna
+        self.dims = dims
+        self.budget = budget
+        if strategy == "tpe":
+            sampler = optuna.samplers.TPESampler(seed=seed)
+        elif strategy == "random":
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        else:
+            sampler = optuna.samplers.GridSampler({d.path: list(values(d)) for d in dims}, seed=seed)
+        self._dist = {d.path: self._distribution(d) for d in dims}
+        # Workers started together race to create the database's tables and the study: the
+        # loser sees an integrity error and succeeds on a retry, once the tables exist.
+        for attempt in range(5):
+            try:
+                self.study = optuna.create_study(
+                    storage=storage, study_name=study, sampler=sampler, direction=direction,
+                    load_if_exists=True,
+                )
+                break
+            except Exception as e:  # bad URL, unreachable database, a study made for the other direction
+                if attempt < 4 and "IntegrityError" in f"{type(e).__name__} {e}":
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise MergeplanError(f"tune.storage {storage!r}: cannot open the study ({type(e).__name__}: {first})") from None
+
+    def _distribution(self, d):
+        dist = self._optuna.distributions
+        finite = values(d)
+        if finite is not None:
+            # Stepped ranges are offered as their grid points, so every worker and the plan
+            # name exactly the values a grid would.
+            return dist.CategoricalDistribution(list(finite))
+        if d.kind == "int":
+            return dist.IntDistribution(int(d.low), int(d.high), log=d.log)
+        return dist.FloatDistribution(float(d.low), float(d.high), log=d.log)
+
+    def _counted(self) -> int:
+        states = (self._optuna.trial.TrialState.COMPLETE, self._optuna.trial.TrialState.RUNNING)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def ask(self) -> tuple[Any, dict[str, Any]] | None:
+        if self.budget is not None and self._counted() >= self.budget:
+            return None
+        trial = self.study.ask(self._dist)
+        return trial, {d.path: cast(d, trial.params[d.path]) for d in self.dims}
+
+    def tell(self, handle: Any, value: float | None, attrs: dict[str, Any]) -> None:
+        for k, v in attrs.items():
+            handle.set_user_attr(k, v)
+        self.study.tell(handle, value)
+
+    def fail(self, handle: Any) -> None:
+        self.study.tell(handle, state=self._optuna.trial.TrialState.FAIL)
+
+    def finished(self) -> list[dict[str, Any]]:
+        """Every worker's completed trials: assignment, value and the attrs each worker set."""
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(self._optuna.trial.TrialState.COMPLETE,)):
+            out.append({"number": t.number, "assignment": dict(t.params), "value": t.value,
+                        "attrs": dict(t.user_attrs)})
+        return out
+
+
+def make_asker(dims: list, strategy: str, seed: int, direction: str, storage: str | None = None,
+               study: str | None = None, budget: int | None = None):
+    if strategy == "tpe" or storage:
+        return StudyAsker(dims, strategy, seed, direction, storage, study or "mergeplan", budget)
+    if strategy == "grid":
+        return IterAsker(grid(dims))
+    if strategy == "random":
+        return IterAsker(random_draws(dims, seed))
+    raise MergeplanError(f"tune.strategy {strategy!r}: use grid, random or tpe")
+
+
+def deadline(seconds: float | None) -> float | None:
+    return None if seconds is None else time.monotonic() + seconds
