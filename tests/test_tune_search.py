@@ -250,3 +250,16 @@ def test_pick_refuses_inputs_the_search_did_not_read(grid_run):
     fp["tensor_blake3"] = bytes(blob)
     with pytest.raises(MergeplanError, match="model code is not the one the search read"):
         pick(tuned, 1, plan_path=str(plan_path))
+
+
+def test_show_prints_the_candidates_and_the_verdict(grid_run, capsys):
+    _, plan_path, _ = grid_run
+    code, out, err = run_cli(capsys, "show", plan_path)
+    assert code == 0, err
+    t = read_plan(plan_path).tuning
+    assert "tuning:" in out and "test split (never seen by the search)" in out
+    assert f">{t['chosen']}" in out.replace(" ", "")
+    code, out, err = run_cli(capsys, "show", plan_path, "--json")
+    import json
+
+    assert json.loads(out)["tuning"]["chosen"] == t["chosen"]
