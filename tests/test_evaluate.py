@@ -17,6 +17,7 @@ from mergeplan.evaluate.run import load_model_dir
 from mergeplan.planner import PlanOptions, build_plan
 from mergeplan.plan.codec import write_plan
 from mergeplan.recipe import load_recipe
+from test_calib_family import one_thread  # noqa: F401  (tiny models: one torch thread)
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
