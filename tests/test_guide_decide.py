@@ -46,7 +46,7 @@ def _stats(family, *guide_sets):
                      quiet=True)
 
 
-def _same(a, b, exact_record: bool = True) -> None:
+def _same(a, b) -> None:
     for part in ("densities", "weights", "relax", "tensor_stats", "plan_stats", "guides"):
         assert canonical_bytes(getattr(a, part)) == canonical_bytes(getattr(b, part)), part
     ra = {k: v for k, v in a.calibration.items() if k not in ("timings_s", "calibrated_for")}
