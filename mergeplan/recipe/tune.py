@@ -404,11 +404,15 @@ def apply_assignment(recipe: Recipe, assignment: dict[str, Any]) -> Recipe:
     return out
 
 
+# Parameters a search cannot vary: ignored (int8_mask) or a list of model names (order).
+_NOT_SEARCHABLE = frozenset({"int8_mask", "order"})
+
+
 def _known_paths(recipe: Recipe, methods: tuple[str, ...]) -> list[str]:
     names = sorted({p for m in methods for p in set(rules()[m].global_params) | set(rules()[m].model_params)})
-    out = ["merge_method"] + [f"parameters.{n}" for n in names]
-    per_model = sorted({p for m in methods for p in rules()[m].model_params})
-    out += [f"models.{m.name}.{p}" for m in recipe.models for p in per_model]
+    out = ["merge_method"] + [f"parameters.{n}" for n in names if n not in _NOT_SEARCHABLE]
+    per_model = sorted({p for m in methods for p in rules()[m].model_params} - _NOT_SEARCHABLE)
+    out += [f"models.{m.name}.{p}" for m in recipe.models if m.index is not None for p in per_model]
     for g in recipe.guide_options.enabled() if recipe.guide_options else []:
         opts = getattr(recipe.guide_options, g)
         out += [f"guides.{g}.{o}" for o in type(opts).model_fields]
