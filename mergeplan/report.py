@@ -103,6 +103,7 @@ def plan_json(plan: Plan, digest: str | None = None) -> dict[str, Any]:
         "edit_log": _jsonable(plan.edit_log),
         "layers": layer_summary(plan),
         "stats": _jsonable(plan.stats),
+        "tuning": _jsonable(plan.tuning),
         "tensors": [
             {"name": t.name, "op": t.op, "shape": list(t.shape), "dtype": t.dtype, "params": _jsonable(t.params),
              "models": {c.model: {"weight": c.weight, "density": c.density,
@@ -175,6 +176,12 @@ def print_plan(console: Console, plan: Plan, path: Path | str, tensors: bool = F
     if any(r.get("at_apply") for r in rows):
         say("at apply: an edit changed these masks since the planner measured them; apply rebuilds them "
             "from their recipe, so their kept fraction and overlap are known only then")
+    if plan.tuning:
+        from .tune.report import candidates_table, verdict_lines
+
+        console.print(candidates_table(plan.tuning))
+        for line in verdict_lines(plan.tuning):
+            say(line)
     if plan.edit_log:
         say(f"edit log: {len(plan.edit_log)} save(s), last {markup(plan.edit_log[-1].get('time'))} "
             f"({len(plan.edit_log[-1].get('changes', []))} change(s))")

@@ -73,8 +73,48 @@ def _construct_scalar(node: yaml.ScalarNode) -> Any:
     return ctor(_CONSTRUCTOR, node)
 
 
-def _convert(node: yaml.Node, path: str | Path | None) -> YNode:
+# A recipe is a few hundred values; aliases can make a short file expand to billions
+# ("billion laughs"), or to itself (an alias inside its own anchor).
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+class _Walk:
+    def __init__(self, path: str | Path | None):
+        self.path = path
+        self.count = 0
+        self.open: set[int] = set()  # nodes being converted: their ancestors
+
+
+def _convert(node: yaml.Node, walk: _Walk) -> YNode:
     line = node.start_mark.line + 1
+    walk.count += 1
+    if walk.count > MAX_VALUES:
+        raise MergeplanError(
+            f"{where(walk.path, line)}: the document expands to more than {MAX_VALUES} values "
+            "(through YAML aliases?); a recipe needs far fewer: write the values out"
+        )
+    if id(node) in walk.open:
+        raise MergeplanError(
+            f"{where(walk.path, line)}: a YAML alias refers to a value that contains it; "
+            "remove the recursive '*alias'"
+        )
+    if not isinstance(node, yaml.ScalarNode):
+        if len(walk.open) >= MAX_DEPTH:
+            raise MergeplanError(
+                f"{where(walk.path, line)}: values are nested more than {MAX_DEPTH} levels deep; "
+                "a recipe needs a handful: check the brackets and indentation"
+            )
+        walk.open.add(id(node))
+        try:
+            return _convert_collection(node, walk, line)
+        finally:
+            walk.open.discard(id(node))
+    return YNode(_construct_scalar(node), line, "scalar")
+
+
+def _convert_collection(node: yaml.Node, walk: _Walk, line: int) -> YNode:
+    path = walk.path
     if isinstance(node, yaml.MappingNode):
         explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
         # Resolves YAML merge keys ("<<: *anchor") the way safe_load does: merged pairs
@@ -100,12 +140,10 @@ def _convert(node: yaml.Node, path: str | Path | None) -> YNode:
                 merged.discard(key)
             else:
                 merged.add(key)
-            items[key] = _convert(value_node, path)
+            items[key] = _convert(value_node, walk)
             key_lines[key] = key_line
         return YNode(items, line, "map", key_lines)
-    if isinstance(node, yaml.SequenceNode):
-        return YNode([_convert(n, path) for n in node.value], line, "seq")
-    return YNode(_construct_scalar(node), line, "scalar")
+    return YNode([_convert(n, walk) for n in node.value], line, "seq")
 
 
 def compose_located(text: str, path: str | Path | None = None) -> YNode | None:
@@ -127,6 +165,11 @@ def compose_located(text: str, path: str | Path | None = None) -> YNode | None:
         ) from None
     except yaml.YAMLError as exc:
         raise MergeplanError(f"{where(path, None)}: YAML error: {exc}") from None
+    except RecursionError:
+        raise MergeplanError(
+            f"{where(path, None)}: values are nested too deeply to read; a recipe needs a handful of "
+            "levels: check the brackets and indentation"
+        ) from None
     docs = [d for d in docs if d is not None]
     if not docs:
         return None
@@ -136,7 +179,7 @@ def compose_located(text: str, path: str | Path | None = None) -> YNode | None:
             f"{where(path, second)}: the file holds several YAML documents ('---'); "
             "a recipe describes one merge: split them into separate files"
         )
-    return _convert(docs[0], path)
+    return _convert(docs[0], _Walk(path))
 
 
 def key_lines(root: YNode, values: bool = False) -> dict[tuple[Any, ...], int]:

@@ -17,6 +17,7 @@ from mergeplan.evaluate.run import load_model_dir
 from mergeplan.planner import PlanOptions, build_plan
 from mergeplan.plan.codec import write_plan
 from mergeplan.recipe import load_recipe
+from test_calib_family import one_thread  # noqa: F401  (tiny models: one torch thread)
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -233,3 +234,17 @@ def test_weights_that_do_not_fit_the_config_are_one_line_errors(family_builder, 
     with pytest.raises(MergeplanError, match="do not fit") as e:
         load_merged(plan, merge_in_memory(plan), model_dir=other.base)
     assert "\n" not in str(e.value)
+
+
+def test_model_directories_with_baselines_named_on_the_command_line(tiny_family, tmp_path, capsys):
+    fam = tiny_family
+    plan, _ = _plan(fam, tmp_path, "task_arithmetic", "weight: 0.3")
+    apply_plan(plan, tmp_path / "merged", ApplyOptions())
+    code, out, err = run_cli(capsys, "eval", tmp_path / "merged", "--base", fam.base, "--model",
+                             f"code={fam.finetunes['code']}", "--data", f"code={fam.data['code']},legal={fam.data['legal']}",
+                             "--samples", "2", "--seq-len", "16", "--threads", "1", "--bootstrap", "50", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert [(m["name"], m["kind"]) for m in rep["models"]] == [("base", "base"), ("code", "fine-tune"),
+                                                              ("merged", "merge")]
+    assert rep["tasks"]["code"]["expert"] == "code" and rep["tasks"]["legal"]["expert"] is None

@@ -46,7 +46,7 @@ def _stats(family, *guide_sets):
                      quiet=True)
 
 
-def _same(a, b, exact_record: bool = True) -> None:
+def _same(a, b) -> None:
     for part in ("densities", "weights", "relax", "tensor_stats", "plan_stats", "guides"):
         assert canonical_bytes(getattr(a, part)) == canonical_bytes(getattr(b, part)), part
     ra = {k: v for k, v in a.calibration.items() if k not in ("timings_s", "calibrated_for")}
@@ -90,3 +90,13 @@ def test_statistics_that_miss_a_pass_are_refused(all_stats):
         assert needle in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(MergeplanError, match="fine-tunes"):
         decide(all_stats, parse_guides(ALL), "base", ["code", "math", "legal"])  # another order
+
+
+def test_requests_depend_on_measurement_options_only():
+    r = Request.of(parse_guides(ALL))
+    assert r == Request.of(parse_guides({**ALL, "lewis": {"gamma": 0.1, "epsilon": 0.2}, "aim": {"omega": 0.9}}))
+    assert r.covers(Request.of(parse_guides(ALL_OTHER))) and r.covers(Request.of(parse_guides(AIM_ONLY)))
+    assert not r.covers(Request.of(parse_guides(LEWIS_ALONE)))  # LEWIS without Sens: another fine-tune pass
+    union = Request.of([parse_guides(g) for g in (ALL, LEWIS_ALONE, WANDA_SENS)])
+    assert all(union.covers(Request.of(parse_guides(g))) for g in (ALL, ALL_OTHER, LEWIS_ALONE, WANDA_SENS, AIM_ONLY))
+    assert not Request.of(parse_guides(AIM_ONLY)).covers(r)

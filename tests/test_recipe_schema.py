@@ -174,3 +174,23 @@ def test_mutated_recipes_give_one_line_errors_never_tracebacks():
             msg = str(exc)
             assert "\n" not in msg and msg.startswith("f.yaml"), msg
     assert failures > 150  # most mutations are refused, each with one line
+
+
+BOMB = "".join(
+    f"{k}: &{k} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['x'] * 9)}]\n"
+    for p, k in zip(["", "a", "b", "c", "d", "e"], "abcdef")
+)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("merge_method: &x [*x]\n", "r.yaml:1: a YAML alias refers to a value that contains it"),
+        ("a: &x\n  b: *x\n", "r.yaml:1: a YAML alias refers to a value that contains it"),
+        (BOMB, "r.yaml:1: the document expands to more than 100000 values (through YAML aliases?)"),
+        ("a: " + "[" * 100 + "]" * 100 + "\n", "r.yaml:1: values are nested more than 64 levels deep"),
+        ("[" * 5000 + "]" * 5000, "r.yaml: values are nested too deeply to read"),
+    ],
+)
+def test_recursive_exploding_and_deep_yaml_is_refused_in_one_line(text, needle):
+    assert error_of(text).startswith(needle)

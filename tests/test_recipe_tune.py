@@ -198,3 +198,21 @@ def test_a_candidate_goes_through_the_whole_schema():
 def test_range_values_visited_by_a_grid():
     assert Range(low=0.1, high=0.5, step=0.1).grid() == (0.1, 0.2, 0.3, 0.4, 0.5)
     assert Range(low=1, high=2).grid() is None
+
+
+def test_model_ids_with_dots_and_the_long_parameters_form():
+    text = (
+        "merge_method: ties\nbase_model: org/base\nmodels:\n"
+        "  - {model: {model: {path: org/llama-3.1, revision: v2}}, parameters: {weight: 1}}\n"
+        "  - {model: ./code, name: code.v2, parameters: {weight: 1}}\n"
+        "calibration: {data: c.txt}\n"
+        "tune:\n  candidates: 2\n  space:\n"
+        "    models.llama-3.1@v2.weight: [0.5, 1.0]\n"
+        "    models.code.v2.parameters.density: {low: 0.3, high: 0.9}\n"
+    )
+    r = parse_recipe(text)
+    assert [m.name for m in r.models] == ["llama-3.1@v2", "code.v2"]
+    c = r.with_assignment({"models.llama-3.1@v2.weight": 0.5, "models.code.v2.parameters.density": 0.4})
+    assert c.model("llama-3.1@v2").parameters["weight"].setting == 0.5
+    assert c.model("code.v2").parameters["density"].setting == 0.4
+    assert c.model("llama-3.1@v2").ref == "org/llama-3.1@v2"

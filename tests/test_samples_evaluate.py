@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import family_recipe
+from test_calib_family import one_thread  # noqa: F401  (tiny models: one torch thread)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "samples" / "evaluate.py"
 

@@ -250,3 +250,79 @@ def test_pick_refuses_inputs_the_search_did_not_read(grid_run):
     fp["tensor_blake3"] = bytes(blob)
     with pytest.raises(MergeplanError, match="model code is not the one the search read"):
         pick(tuned, 1, plan_path=str(plan_path))
+
+
+def test_show_prints_the_candidates_and_the_verdict(grid_run, capsys):
+    _, plan_path, _ = grid_run
+    code, out, err = run_cli(capsys, "show", plan_path)
+    assert code == 0, err
+    t = read_plan(plan_path).tuning
+    assert "tuning:" in out and "test split (never seen by the search)" in out
+    assert f">{t['chosen']}" in out.replace(" ", "")
+    code, out, err = run_cli(capsys, "show", plan_path, "--json")
+    import json
+
+    assert json.loads(out)["tuning"]["chosen"] == t["chosen"]
+
+
+def test_review_lists_the_candidates_and_picks_another(grid_run, tmp_path):
+    """T opens the candidates, best first with the chosen one marked; Enter on another and
+    yes writes that candidate's plan beside the reviewed one."""
+    import asyncio
+    import shutil
+
+    from mergeplan_tui.app import make_app
+    from mergeplan_tui.screens.tuning import TuningScreen
+    from textual.widgets import DataTable
+
+    _, plan_path, _ = grid_run
+    local = tmp_path / "tuned.plan"
+    shutil.copy(plan_path, local)
+    t = read_plan(local).tuning
+    order = sorted(t["candidates"], key=lambda c: c["score"])  # loss: lower is better
+
+    async def drive():
+        app = make_app(str(local), model_checker=lambda ref: "found")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("T")
+            await pilot.pause()
+            assert isinstance(app.screen, TuningScreen)
+            table = app.screen.query_one(DataTable)
+            ids = [int(str(table.get_row_at(i)[0]).strip("● ")) for i in range(table.row_count)]
+            assert ids == [c["id"] for c in order]
+            assert str(table.get_row_at(0)[0]).startswith("●") == (order[0]["id"] == t["chosen"])
+            await pilot.press("down", "enter")
+            await pilot.pause()
+            await pilot.press("y")
+            for _ in range(600):
+                await asyncio.sleep(0.1)
+                if list(tmp_path.glob("tuned.candidate-*.plan")):
+                    break
+            await app.workers.wait_for_complete()
+        return ids[1]
+
+    picked_id = asyncio.run(drive())
+    (out,) = tmp_path.glob("tuned.candidate-*.plan")
+    assert out.name == f"tuned.candidate-{picked_id}.plan"
+    assert read_plan(out).tuning["chosen"] == picked_id
+
+
+def test_review_of_an_untuned_plan_has_no_tuning_screen(tmp_path):
+    import asyncio
+
+    from mergeplan.plan import write_plan
+    from mergeplan_tui.app import make_app
+    from mergeplan_tui.screens.grid import GridScreen
+    from plan_factory import make_plan
+
+    path = tmp_path / "p.plan"
+    write_plan(make_plan(layers=2, models=("math", "code")), path)
+
+    async def drive():
+        app = make_app(str(path), model_checker=lambda ref: "found")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("T")
+            await pilot.pause()
+            return type(app.screen)
+
+    assert asyncio.run(drive()) is GridScreen

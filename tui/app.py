@@ -43,6 +43,12 @@ def _overview(session: Session) -> Screen:
     return OverviewScreen(session)
 
 
+def _tuning(session: Session) -> Screen:
+    from .screens.tuning import TuningScreen
+
+    return TuningScreen(session)
+
+
 def _diff(session: Session) -> Screen:
     from .screens.diff import DiffScreen
 
@@ -62,6 +68,8 @@ class ReviewApp(App[int]):
         Binding("o", "switch_mode('overview')", "Overview",
                 tooltip="models and their status here, method, guides, calibration, digest, edit history"),
         Binding("d", "switch_mode('diff')", "Diff", tooltip="differences from the plan as loaded, or another plan"),
+        Binding("T", "switch_mode('tuning')", "Tuning",
+                tooltip="the candidates a tune: search scored (only for a tuned plan); Enter picks another"),
         Binding("u,ctrl+z", "undo", "Undo", tooltip="undo the last edit"),
         Binding("r,ctrl+y", "redo", "Redo", show=False, tooltip="redo what undo took back"),
         Binding("S,shift+s", "save_as", "Save as", show=False, tooltip="write the edited plan to another file"),
@@ -74,7 +82,7 @@ class ReviewApp(App[int]):
                                file_digest=file_digest)
         self.model_checker = model_checker or make_checker(editor.plan, editor.path)
         self._screens: list[Screen] = []  # every screen made here: they hear PlanChanged / StatusChanged
-        for mode, factory in (("grid", _grid), ("overview", _overview), ("diff", _diff)):
+        for mode, factory in (("grid", _grid), ("overview", _overview), ("diff", _diff), ("tuning", _tuning)):
             self.add_mode(mode, self._maker(factory))
         self.sub_title = self._describe_file()
 
@@ -155,6 +163,8 @@ class ReviewApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in _APP_ACTIONS and isinstance(self.screen, ModalScreen):
             return False
+        if action == "switch_mode" and parameters == ("tuning",) and not self.editor.plan.tuning:
+            return False  # not a tuned plan: no Tuning screen, and no footer entry for it
         return True
 
     # -- requests from the screens ------------------------------------------------------------
@@ -195,6 +205,7 @@ class ReviewApp(App[int]):
         from .screens.edit import EditScreen
         from .screens.grid import GridScreen
         from .screens.help import HelpScreen
+        from .screens.tuning import TuningScreen
         from .widgets.plangrid import PlanGrid
 
         def own(bindings):  # the common keys are listed once, under "Everywhere"
@@ -206,6 +217,7 @@ class ReviewApp(App[int]):
             ("Grid cursor", PlanGrid.BINDINGS),
             ("Tensor detail", own(DetailScreen.BINDINGS)),
             ("Diff", own(DiffScreen.BINDINGS)),
+            *([("Tuning", own(TuningScreen.BINDINGS))] if self.editor.plan.tuning else []),
             ("Edit dialog", EditScreen.BINDINGS),
         ]))
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Iterable
 
-from mergeplan.guides.options import GuideOptions, LewisOptions, SensOptions
-
-# LEWIS variants: None = plain x^2 statistics; a float = Wanda-pruned layer by layer at that sparsity
+from mergeplan.guides.options import GuideOptions
 
 
 @dataclass(frozen=True)
 class Request:
     base_abs: bool = False  # AIM: |x| of the base on the AIM data
-    base_lewis: frozenset = frozenset()  # LEWIS variants measured on the base (per fine-tune data)
+    # LEWIS variants measured on the base (per fine-tune data): None = plain x^2
+    # statistics, a float = Wanda-pruned layer by layer at that sparsity
+    base_lewis: frozenset = frozenset()
     ft_act: bool = False  # LEWIS without Sens: x^2 of each fine-tune on its own data, batched
     ft_wanda: frozenset = frozenset()  # LEWIS with pruning: sparsities measured on each fine-tune
     sens: frozenset = frozenset()  # Sens gradient passes: per_sample values
@@ -42,8 +42,7 @@ class Request:
             for o in options:
                 out = out | Request.of(o)
             return out
-        lw: LewisOptions | None = options.lewis
-        sn: SensOptions | None = options.sens
+        lw, sn = options.lewis, options.sens
         variant = (lw.wanda_sparsity if lw.wanda_prune else None) if lw else None
         plain_lewis = lw is not None and not lw.wanda_prune
         return Request(

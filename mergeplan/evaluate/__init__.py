@@ -7,6 +7,7 @@
     tensors = merge_in_memory(plan, threads=2)              # apply's engine, no output dir
     model = load_merged(plan, tensors)                      # base architecture, float32, eval mode
     scores = score_model(model, sets, device="cpu")         # task -> SampleScores (per-sample sums)
+    scores = score_plan(plan, sets, threads=2)              # the three lines above, model freed after
     g = mean_gain(base_scores, scores, expert_scores)       # mean recovered gain over tasks
     ci = bootstrap_ci(lambda idx: mean_gain(base_scores, scores, expert_scores, idx), sizes_of(scores))
 
@@ -19,6 +20,7 @@ Importing this package imports torch.
 
 from mergeplan.evaluate.data import EvalSet, load_eval_sets, parse_data_spec, texts_set
 from mergeplan.evaluate.memory import load_merged, merge_in_memory
+from mergeplan.evaluate.run import score_plan
 from mergeplan.evaluate.score import SampleScores, score_model
 from mergeplan.evaluate.stats import (
     Interval,
@@ -34,6 +36,7 @@ from mergeplan.evaluate.stats import (
 
 __all__ = [
     "EvalSet", "Interval", "SampleScores", "bootstrap_ci", "load_eval_sets", "load_merged", "mean_gain",
-    "mean_loss", "merge_in_memory", "parse_data_spec", "recovered_gain", "resample", "score_model", "sizes_of",
+    "mean_loss", "merge_in_memory", "parse_data_spec", "recovered_gain", "resample", "score_model", "score_plan",
+    "sizes_of",
     "task_gain", "task_loss", "texts_set",
 ]

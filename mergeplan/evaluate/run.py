@@ -161,6 +161,7 @@ def load_model_dir(path: Path, device: torch.device) -> torch.nn.Module:
     """A model directory's weights (safetensors only, as apply reads) in float32, eval mode."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
                                                      use_safetensors=True, trust_remote_code=False)

@@ -108,6 +108,7 @@ class _Assembler:
                 e.model.ref,
                 self.params(doc.settings(i), ("models", i, "parameters"), per_model=True),
                 self.line(("models", i)),
+                index=i,
             )
             for i, e in enumerate(doc.models)
         ]

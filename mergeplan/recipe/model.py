@@ -28,6 +28,8 @@ class ModelSpec:
     ref: str
     parameters: dict[str, ParamValue]
     line: int
+    # position of its entry under `models:` (None: a base model not listed there)
+    index: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

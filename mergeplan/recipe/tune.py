@@ -294,13 +294,30 @@ class Dimension:
         return tuple(int(round(v)) for v in values) if self.kind == "int" else values
 
 
+def split_path(path: str) -> tuple[str, str | None, str | None]:
+    """A space path as (section, owner, name): ``("merge_method", None, None)``,
+    ``("parameters", None, NAME)``, ``("models", ID, NAME)`` (``models.ID.NAME`` or
+    ``models.ID.parameters.NAME``; ``ID`` may contain dots, as in ``llama-3.1``) and
+    ``("guides", GUIDE, OPTION)``; ``("", None, None)`` for anything else."""
+    head, _, rest = path.partition(".")
+    if path == "merge_method":
+        return "merge_method", None, None
+    if head == "parameters" and rest and "." not in rest:
+        return "parameters", None, rest
+    if head == "models" and "." in rest:
+        owner, _, name = rest.rpartition(".")
+        if owner.endswith(".parameters"):
+            owner = owner[: -len(".parameters")]
+        return ("models", owner, name) if owner and name else ("", None, None)
+    if head == "guides" and rest.count(".") == 1:
+        guide, _, option = rest.partition(".")
+        return "guides", guide, option
+    return "", None, None
+
+
 def _param_name(path: str) -> str | None:
-    parts = path.split(".")
-    if parts[0] == "parameters" and len(parts) == 2:
-        return parts[1]
-    if parts[0] == "models" and len(parts) in (3, 4):
-        return parts[-1]
-    return None
+    section, _, name = split_path(path)
+    return name if section in ("parameters", "models") else None
 
 
 def _as_dimension(path: str, dim: Choice) -> Dimension:
@@ -314,63 +331,37 @@ def _as_dimension(path: str, dim: Choice) -> Dimension:
 # ----------------------------------------------------------------------------- against the recipe
 
 
-def _model_entry_id(entry: Any) -> str | None:
-    """The id a `models:` entry gets (load.py's rule: name, else the path's basename)."""
-    import os
-
-    if not isinstance(entry, dict):
-        return None
-    if entry.get("name"):
-        return entry["name"]
-    ref = entry.get("model")
-    if isinstance(ref, dict):
-        ref = ref.get("model")
-        if isinstance(ref, dict):
-            ref = ref.get("path")
-    if not isinstance(ref, str):
-        return None
-    return os.path.basename(os.path.normpath(ref)) or ref
-
-
 def _set(data: dict[str, Any], path: str, value: Any, recipe: Recipe) -> None:
     """Write one assignment into the plain recipe mapping (raises ValueError(reason))."""
-    parts = path.split(".")
-    head = parts[0]
-    if path == "merge_method":
+    section, owner, name = split_path(path)
+    if section == "merge_method":
         data["merge_method"] = value
-        return
-    if head == "parameters" and len(parts) == 2:
+    elif section == "parameters":
         block = data.get("parameters")
-        data["parameters"] = dict(block) if isinstance(block, dict) else {}
-        data["parameters"][parts[1]] = value
-        return
-    if head == "models" and len(parts) in (3, 4) and (len(parts) == 3 or parts[2] == "parameters"):
-        mid, pname = parts[1], parts[-1]
-        for i, entry in enumerate(data.get("models") or []):
-            if _model_entry_id(entry) == mid:
-                entry = dict(entry)
-                entry["parameters"] = dict(entry.get("parameters") or {})
-                entry["parameters"][pname] = value
-                data["models"][i] = entry
-                return
-        ids = [m.name for m in recipe.models]
-        if recipe.base_model is not None and mid == recipe.base_model.name:
-            raise ValueError(
-                f"'{mid}' is the base model, which takes no per-model parameters; tune the fine-tunes "
-                f"({', '.join(ids)}) or a top-level parameters.{pname}"
-            )
-        raise ValueError(f"no model '{mid}'{suggest(mid, ids)}; models: {', '.join(ids)}")
-    if head == "guides" and len(parts) == 3:
+        data["parameters"] = {**(block if isinstance(block, dict) else {}), name: value}
+    elif section == "models":
+        spec = next((m for m in recipe.models if m.name == owner), None)
+        if spec is None or spec.index is None:
+            ids = [m.name for m in recipe.models if m.index is not None]
+            if recipe.base_model is not None and owner == recipe.base_model.name:
+                raise ValueError(
+                    f"'{owner}' is the base model, which takes no per-model parameters; tune the "
+                    f"fine-tunes ({', '.join(ids)}) or a top-level parameters.{name}"
+                )
+            raise ValueError(f"no model '{owner}'{suggest(owner, ids)}; models: {', '.join(ids)}")
+        entry = dict(data["models"][spec.index])
+        entry["parameters"] = {**(entry.get("parameters") or {}), name: value}
+        data["models"][spec.index] = entry
+    elif section == "guides":
         guides = data.get("guides")
         guides = dict(guides) if isinstance(guides, dict) else {}
-        opts = guides.get(parts[1])
-        guides[parts[1]] = dict(opts) if isinstance(opts, dict) else {}
-        guides[parts[1]][parts[2]] = value
+        opts = guides.get(owner)
+        guides[owner] = {**(opts if isinstance(opts, dict) else {}), name: value}
         data["guides"] = guides
-        return
-    raise ValueError(
-        "not a searchable path; use merge_method, parameters.NAME, models.ID.NAME or guides.GUIDE.OPTION"
-    )
+    else:
+        raise ValueError(
+            "not a searchable path; use merge_method, parameters.NAME, models.ID.NAME or guides.GUIDE.OPTION"
+        )
 
 
 def _base_data(recipe: Recipe) -> tuple[dict[str, Any], Any]:
@@ -407,11 +398,15 @@ def apply_assignment(recipe: Recipe, assignment: dict[str, Any]) -> Recipe:
     return out
 
 
+# Parameters a search cannot vary: ignored (int8_mask) or a list of model names (order).
+_NOT_SEARCHABLE = frozenset({"int8_mask", "order"})
+
+
 def _known_paths(recipe: Recipe, methods: tuple[str, ...]) -> list[str]:
     names = sorted({p for m in methods for p in set(rules()[m].global_params) | set(rules()[m].model_params)})
-    out = ["merge_method"] + [f"parameters.{n}" for n in names]
-    per_model = sorted({p for m in methods for p in rules()[m].model_params})
-    out += [f"models.{m.name}.{p}" for m in recipe.models for p in per_model]
+    out = ["merge_method"] + [f"parameters.{n}" for n in names if n not in _NOT_SEARCHABLE]
+    per_model = sorted({p for m in methods for p in rules()[m].model_params} - _NOT_SEARCHABLE)
+    out += [f"models.{m.name}.{p}" for m in recipe.models if m.index is not None for p in per_model]
     for g in recipe.guide_options.enabled() if recipe.guide_options else []:
         opts = getattr(recipe.guide_options, g)
         out += [f"guides.{g}.{o}" for o in type(opts).model_fields]
@@ -444,21 +439,21 @@ def check_tune(recipe: Recipe, lines: dict[tuple[Any, ...], int]) -> None:
     guide_names = ("lewis", "aim", "sens")
     for path, dim in spec.space.items():
         loc = ("tune", "space", path)
-        parts = path.split(".")
-        if path not in known:
+        section, owner, _ = split_path(path)
+        if path not in known and not _same_model_path(path, known):
             hint = suggest(path, known)
             why = ""
-            if parts[0] == "guides" and len(parts) == 3 and parts[1] in guide_names and (
-                recipe.guide_options is None or getattr(recipe.guide_options, parts[1]) is None
+            if section == "guides" and owner in guide_names and (
+                recipe.guide_options is None or getattr(recipe.guide_options, owner) is None
             ):
-                why = f"; guide {parts[1]} is not enabled: add `guides: {{{parts[1]}: {{}}}}` to tune its options"
-            elif parts[0] == "models" and len(parts) == 3 and recipe.base_model is not None and parts[1] == recipe.base_model.name:
-                why = f"; '{parts[1]}' is the base model, which takes no per-model parameters"
+                why = f"; guide {owner} is not enabled: add `guides: {{{owner}: {{}}}}` to tune its options"
+            elif section == "models" and recipe.base_model is not None and owner == recipe.base_model.name:
+                why = f"; '{owner}' is the base model, which takes no per-model parameters"
             raise fail(loc, f"tune.space.{path} names nothing the recipe can vary{hint}{why}; searchable: {', '.join(known)}")
         _check_not_shadowed(recipe, path, fail)
         if isinstance(dim, Range):
             name = _param_name(path)
-            kind = KINDS.get(name or "", "float") if not parts[0] == "guides" else "float"
+            kind = KINDS.get(name or "", "float") if section != "guides" else "float"
             if kind not in ("float", "int") or path == "merge_method":
                 raise fail(loc, f"tune.space.{path} takes {kind} values: give a list of choices, not a range")
             probes = [("low", dim.low), ("high", dim.high)]
@@ -477,12 +472,17 @@ def check_tune(recipe: Recipe, lines: dict[tuple[Any, ...], int]) -> None:
     _check_tasks(recipe, spec, fail)
 
 
+def _same_model_path(path: str, known: list[str]) -> bool:
+    """``models.ID.parameters.NAME`` is the long form of ``models.ID.NAME``."""
+    section, owner, name = split_path(path)
+    return section == "models" and f"models.{owner}.{name}" in known
+
+
 def _check_not_shadowed(recipe: Recipe, path: str, fail: Any) -> None:
     """A top-level value every model overrides everywhere would be searched for nothing."""
-    parts = path.split(".")
-    if parts[0] != "parameters" or len(parts) != 2:
+    section, _, name = split_path(path)
+    if section != "parameters":
         return
-    name = parts[1]
     if name not in rules()[recipe.merge_method].model_params:
         return
     own = [m.parameters.get(name) for m in recipe.models]

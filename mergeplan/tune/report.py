@@ -3,6 +3,7 @@ show` prints it for a tuned plan. Reads only the plan's plain `tuning` record (n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from rich.table import Table
@@ -28,17 +29,61 @@ def _short_names(paths: list[str]) -> dict[str, str]:
     return out
 
 
-def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
+@dataclass(frozen=True)
+class CandidateRow:
+    id: int
+    score: float | None
+    chosen: bool
+    assignment: dict[str, Any]
+    losses: dict[str, float | None]  # task -> held-out loss (search split)
+    gains: dict[str, float | None]  # task -> share of the expert's gain recovered, for bars
+    error: str | None = None
+
+
+def candidate_rows(tuning: dict[str, Any]) -> list[CandidateRow]:
+    """The record's candidates, best first (failed ones last), with per-task losses and the
+    recovered share of each task's gain (base and expert losses from the record)."""
     obj = tuning.get("objective", {})
     maximize = obj.get("direction") == "maximize"
-    cands = [c for c in tuning.get("candidates", []) if isinstance(c, dict)]
-    scored = sorted((c for c in cands if isinstance(c.get("score"), (int, float))),
-                    key=lambda c: -c["score"] if maximize else c["score"])
-    tasks = list(next((c.get("tasks") or {} for c in scored), {}))
-    dims = list(dict.fromkeys(k for c in cands for k in (c.get("assignment") or {})))
+    base = (tuning.get("baselines") or {}).get("base") or {}
+    experts = (tuning.get("baselines") or {}).get("experts") or {}
+    out = []
+    for c in tuning.get("candidates", []):
+        if not isinstance(c, dict):
+            continue
+        tasks = c.get("tasks") or {}
+        losses = {t: v.get("loss") if isinstance(v, dict) else None for t, v in tasks.items()}
+        gains = {}
+        for t, loss in losses.items():
+            b, e = (base.get(t) or {}).get("loss"), (experts.get(t) or {}).get("loss")
+            ok = all(isinstance(x, (int, float)) for x in (b, e, loss)) and b - e > 0
+            gains[t] = (b - loss) / (b - e) if ok else None
+        score = c.get("score") if isinstance(c.get("score"), (int, float)) else None
+        out.append(CandidateRow(c.get("id"), score, c.get("id") == tuning.get("chosen"),
+                                dict(c.get("assignment") or {}), losses, gains, c.get("error")))
+    scored = sorted((r for r in out if r.score is not None), key=lambda r: -r.score if maximize else r.score)
+    return scored + [r for r in out if r.score is None]
+
+
+def bar(fraction: float | None, width: int = 8) -> str:
+    """A gain share as a bar of eighth blocks (0 empty, 1 full; beyond is clipped)."""
+    if fraction is None:
+        return " " * width
+    cells = max(0.0, min(1.0, fraction)) * width
+    full, part = int(cells), int(round((cells - int(cells)) * 8))
+    s = "█" * full + ("▏▎▍▌▋▊▉"[part - 1] if 0 < part < 8 and full < width else "")
+    return s.ljust(width)
+
+
+def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
+    obj = tuning.get("objective", {})
+    rows = candidate_rows(tuning)
+    scored = [r for r in rows if r.score is not None]
+    tasks = list(next((r.losses for r in scored), {}))
+    dims = list(dict.fromkeys(k for r in rows for k in r.assignment))
     short = _short_names(dims)
     t = Table(title=f"tuning: {markup(str(obj.get('describe', obj.get('kind', ''))))}; "
-                    f"{len(cands) - 1} candidate(s) and the recipe as written (#0)",
+                    f"{len(rows) - 1} candidate(s) and the recipe as written (#0)",
               title_justify="left")
     t.add_column("#", justify="right", no_wrap=True)
     t.add_column(markup(str(obj.get("kind", "score"))).replace("_", " "), justify="right")
@@ -46,16 +91,13 @@ def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
         t.add_column(markup(short[d]), justify="right")
     for task in tasks:
         t.add_column(f"{markup(task)}", justify="right")
-    chosen = tuning.get("chosen")
-    for c in scored[:top]:
-        mark = "[bold green]>[/]" if c.get("id") == chosen else ""
-        a = c.get("assignment") or {}
-        t.add_row(f"{mark}{c.get('id')}", _fmt(c.get("score")),
-                  *[_fmt(a[d]) if d in a else "-" for d in dims],
-                  *[_fmt((c.get("tasks") or {}).get(k, {}).get("loss")) for k in tasks])
-    failed = [c for c in cands if c.get("score") is None]
-    notes = [f"> chosen; task columns: held-out loss; {max(0, len(scored) - top)} more scored, {len(failed)} failed"]
-    t.caption = notes[0]
+    for r in scored[:top]:
+        mark = "[bold green]>[/]" if r.chosen else ""
+        t.add_row(f"{mark}{r.id}", _fmt(r.score),
+                  *[_fmt(r.assignment[d]) if d in r.assignment else "-" for d in dims],
+                  *[_fmt(r.losses.get(k)) for k in tasks])
+    failed = len(rows) - len(scored)
+    t.caption = f"> chosen; task columns: held-out loss; {max(0, len(scored) - top)} more scored, {failed} failed"
     return t
 
 

@@ -1,0 +1,118 @@
+"""Tuning: the candidates a `tune:` search scored, best first, the chosen one marked, a bar
+per task (share of the expert's gain recovered); Enter re-plans with another candidate
+(`mergeplan pick`) into a new plan file beside this one.
+
+What the record means (sorting, gains, the verdict) is mergeplan.tune.report's; this screen
+only lays it out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text as RichText
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from mergeplan.tune.report import bar, candidate_rows, verdict_lines
+
+from ..keys import COMMON
+from ..richtext import tell, text
+from ..session import Session
+from .dialogs import ConfirmScreen
+
+
+class TuningScreen(Screen):
+    BINDINGS = [
+        *COMMON,
+        Binding("enter", "pick", "Pick", tooltip="re-plan with this candidate into a new plan file"),
+    ]
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
+        self.rows = candidate_rows(session.plan.tuning or {})
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="tuning-bar")
+        yield DataTable(id="tuning-table", cursor_type="row", zebra_stripes=True)
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        tuning = self.session.plan.tuning or {}
+        head = text(f"objective: {tuning.get('objective', {}).get('describe', '?')}; "
+                    f"strategy {tuning.get('strategy', '?')}; bars: share of each expert's gain recovered")
+        # verdict_lines is Rich markup with every plan string escaped (safetext.markup)
+        self.query_one("#tuning-bar", Static).update(
+            RichText("\n").join([head, *(RichText.from_markup(line) for line in verdict_lines(tuning))]))
+        table = self.query_one(DataTable)
+        tasks = list(next((r.losses for r in self.rows if r.score is not None), {}))
+        table.add_column("#", key="id", width=4)
+        table.add_column("score", key="score", width=7)
+        for t in tasks:
+            table.add_column(text(t[:8]), key=f"task:{t}", width=8)
+        table.add_column("values", key="values")
+        for r in self.rows:
+            score = "failed" if r.score is None else f"{r.score:.4f}"
+            values = "  ".join(f"{k.split('.')[-1]}={v}" for k, v in r.assignment.items()) or "(recipe as written)"
+            table.add_row(("●" if r.chosen else " ") + str(r.id), score,
+                          *[bar(r.gains.get(t)) for t in tasks], text(values), key=str(r.id))
+        table.focus()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        # Enter on the table is the table's "select" (it has the focus); it means pick here.
+        event.stop()
+        self.action_pick()
+
+    def action_pick(self) -> None:
+        table = self.query_one(DataTable)
+        if not self.rows:
+            return
+        row = self.rows[table.cursor_row]
+        if row.chosen:
+            tell(self, f"candidate #{row.id} is already the plan")
+            return
+        if row.score is None:
+            tell(self, f"candidate #{row.id} failed during the search; pick another")
+            return
+        out = _pick_path(self.session.editor.path, row.id)
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.pick(row.id, out)
+
+        self.app.push_screen(ConfirmScreen(
+            f"Re-plan with candidate #{row.id} into {out}?\nThis reads the input models and calibrates "
+            "again (as long as `mergeplan plan`); the inputs must be the ones the search read.",
+            yes="Re-plan"), answered)
+
+    @work(thread=True, exclusive=True, group="pick")
+    def pick(self, cid: int, out: Path) -> None:
+        from mergeplan.errors import MergeplanError
+        from mergeplan.plan.codec import write_plan
+        from mergeplan.tune.pick import pick
+
+        self.app.call_from_thread(tell, self, f"re-planning with candidate #{cid}...")
+        try:
+            plan = pick(self.session.plan, cid, plan_path=self.session.editor.path)
+            write_plan(plan, out)
+        except MergeplanError as e:
+            self.app.call_from_thread(tell, self, f"pick failed: {e}", severity="error", timeout=10)
+            return
+        self.app.call_from_thread(tell, self, f"wrote {out} (candidate #{cid}); review it with "
+                                              f"`mergeplan review {out}`", timeout=10)
+
+
+def _pick_path(plan_path: str | None, cid: int) -> Path:
+    """`tuned.plan` -> `tuned.candidate-3.plan`, numbered on if that exists (never overwritten)."""
+    p = Path(plan_path or "merge.plan")
+    out = p.with_name(f"{p.stem}.candidate-{cid}{p.suffix or '.plan'}")
+    n = 2
+    while out.exists():
+        out = p.with_name(f"{p.stem}.candidate-{cid}-{n}{p.suffix or '.plan'}")
+        n += 1
+    return out
