@@ -212,7 +212,8 @@ class ReviewApp(App[int]):
             return [b for b in bindings if b not in COMMON]
 
         self.push_screen(HelpScreen([
-            ("Everywhere", ReviewApp.BINDINGS),
+            # The Tuning key only where there is a search to show (as in the footer)
+            ("Everywhere", [b for b in ReviewApp.BINDINGS if self.editor.plan.tuning or b.action != "switch_mode('tuning')"]),
             ("Layer grid", own(GridScreen.BINDINGS)),
             ("Grid cursor", PlanGrid.BINDINGS),
             ("Tensor detail", own(DetailScreen.BINDINGS)),
