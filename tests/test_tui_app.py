@@ -345,6 +345,9 @@ def test_help_lists_every_binding(tmp_path):
             text = plain(app.screen._render_keys())
             for b in [*type(app).BINDINGS, *GridScreen.BINDINGS, *PlanGrid.BINDINGS, *DetailScreen.BINDINGS,
                       *DiffScreen.BINDINGS, *EditScreen.BINDINGS]:
+                if b.action == "switch_mode('tuning')":  # listed only for a plan a search made
+                    assert b.tooltip not in text
+                    continue
                 assert b.tooltip in text
             await pilot.press("escape")
             assert isinstance(app.screen, GridScreen)
