@@ -34,6 +34,7 @@ from .outdir import OutputSlot, check_target, file_mode
 from .schedule import MemoryScheduler
 from .plan.codec import plan_digest
 from .plan.model import Plan
+from .plan.view import model_search_dirs
 from .provenance import model_card, provenance, provenance_json
 from .validate import check_against_inputs, check_plan
 
@@ -75,8 +76,7 @@ def model_paths(plan: Plan, remap: dict[str, str], plan_path: str | None = None)
     unknown = sorted(set(remap) - {m.id for m in plan.models})
     if unknown:
         raise MergeplanError(f"--model {unknown[0]}=...: the plan has no model named {unknown[0]}; models: {', '.join(m.id for m in plan.models)}")
-    bases = [Path(d) for d in (plan.recipe.get("dir"), Path(plan_path).parent if plan_path else None) if d]
-    bases.append(Path.cwd())
+    bases = model_search_dirs(plan, plan_path)  # the review's model check looks in the same places
     paths = {}
     for m in plan.models:
         ref = remap.get(m.id, m.path)
