@@ -326,3 +326,24 @@ def test_review_of_an_untuned_plan_has_no_tuning_screen(tmp_path):
             return type(app.screen)
 
     assert asyncio.run(drive()) is GridScreen
+
+
+def test_grid_on_a_shared_study_visits_each_point_once(tiny_family, tmp_path, capsys):
+    """Optuna's GridSampler stops a study from inside tell() once the grid is covered; the
+    search ends there, with every point scored once."""
+    pytest.importorskip("optuna")
+    db = tmp_path / "grid.db"
+    tune = f"""  strategy: grid
+  objective: {{loss: {{math: 1.0}}}}
+  heldout: {{samples: 2, test: 0}}
+  storage: sqlite:///{db}
+  space:
+    parameters.normalize: [true, false]
+"""
+    recipe = _recipe(tmp_path, tiny_family, tune)
+    code, _, err = run_cli(capsys, "plan", recipe, "-o", tmp_path / "g.plan", "-q")
+    assert code == 0, err
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] == 2
+    t = read_plan(tmp_path / "g.plan").tuning
+    assert sorted(c["assignment"].get("parameters.normalize") for c in t["candidates"][1:]) == [False, True]

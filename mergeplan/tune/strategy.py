@@ -12,7 +12,7 @@ import time
 from typing import Any, Iterator
 
 from mergeplan.errors import MergeplanError
-from mergeplan.tune.space import cast, grid, random_draws, values
+from mergeplan.tune.space import cast, grid, grid_size, random_draws, values
 
 
 class IterAsker:
@@ -66,6 +66,9 @@ class StudyAsker:
         self._optuna = optuna
         self.dims = dims
         self.budget = budget
+        if strategy == "grid":  # every worker stops once the study has visited the whole grid
+            size = grid_size(dims)
+            self.budget = size if budget is None else min(budget, size)
         if strategy == "tpe":
             sampler = optuna.samplers.TPESampler(seed=seed)
         elif strategy == "random":
@@ -113,7 +116,14 @@ class StudyAsker:
     def tell(self, handle: Any, value: float | None, attrs: dict[str, Any]) -> None:
         for k, v in attrs.items():
             handle.set_user_attr(k, v)
-        self.study.tell(handle, value)
+        try:
+            self.study.tell(handle, value)
+        except RuntimeError as e:
+            # Optuna's GridSampler calls study.stop() once the grid is covered, which only an
+            # optimize() loop may do; the trial is stored before that (optuna's _tell), and
+            # the grid-size budget ends this worker's asking.
+            if "Study.stop" not in str(e):
+                raise
 
     def fail(self, handle: Any) -> None:
         self.study.tell(handle, state=self._optuna.trial.TrialState.FAIL)
