@@ -122,6 +122,25 @@ def is_expert(label: str) -> bool:
     return component_key(label)[0] == _RANK["experts"]
 
 
+def component_groups(known) -> dict[str, list[str]]:
+    """Group names a user may type instead of listing components (the review's edit dialog):
+    attn, mlp (dense, fused, shared expert, routers and every expert), norms (every norm,
+    Gemma's pre/post feed-forward ones included) and experts (experts and routers), each
+    limited to the labels present in `known`."""
+    norms = {"input_norm", "post_norm", "pre_ff_norm", "post_ff_norm", "norm", "q_norm", "k_norm"}
+    attn = {"q", "k", "v", "o", "qkv", "q_norm", "k_norm"}
+    routers = {"router", "sh_router"}
+    shared = {"sh.gate", "sh.up", "sh.down"}
+    dense = {"gate", "up", "down", "gate_up"}
+    groups = {
+        "attn": [c for c in known if c in attn],
+        "mlp": [c for c in known if c in dense | routers | shared or is_expert(c)],
+        "norms": [c for c in known if c in norms],
+        "experts": [c for c in known if c in routers | shared or is_expert(c)],
+    }
+    return groups
+
+
 # ---- names on disk vs names in memory ----------------------------------------------------
 
 # (in-memory prefix pattern, stored replacement): tried in order, the first one found among

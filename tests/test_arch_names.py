@@ -60,3 +60,18 @@ def test_renamed_weights_resolve_to_the_stored_name():
     assert arch.expert_tensor("model.layers.0.mlp.experts", 1, "down", stored) == \
         "model.layers.0.mlp.experts.1.down_proj.weight"
     assert arch.expert_tensor("model.layers.0.mlp.experts", 2, "down", stored) is None
+
+
+def test_edit_groups_cover_fused_moe_and_gemma_components():
+    """`mlp`, `norms` and `experts` in the review's edit dialog reach every architecture's
+    own labels (one table in mergeplan.arch), limited to those the plan has."""
+    from mergeplan.arch import component_groups
+
+    known = ["input_norm", "q", "k", "v", "o", "post_norm", "pre_ff_norm", "gate_up", "down", "post_ff_norm",
+             "router", "sh_router", "sh.gate", "sh.up", "sh.down", "e0.gate", "e0.up", "e0.down", "e1.down", "norm"]
+    g = component_groups(known)
+    assert g["attn"] == ["q", "k", "v", "o"]
+    assert g["norms"] == ["input_norm", "post_norm", "pre_ff_norm", "post_ff_norm", "norm"]
+    assert g["mlp"] == ["gate_up", "down", "router", "sh_router", "sh.gate", "sh.up", "sh.down",
+                        "e0.gate", "e0.up", "e0.down", "e1.down"]
+    assert g["experts"] == ["router", "sh_router", "sh.gate", "sh.up", "sh.down", "e0.gate", "e0.up", "e0.down", "e1.down"]

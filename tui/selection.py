@@ -8,14 +8,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mergeplan.arch import component_groups
 from mergeplan.errors import MergeplanError
 
-# Group names a user can type instead of listing components.
-GROUPS = {
-    "attn": ("q", "k", "v", "o", "qkv", "q_norm", "k_norm"),
-    "mlp": ("gate", "up", "down", "gate_up"),
-    "norms": ("input_norm", "post_norm", "norm", "q_norm", "k_norm"),
-}
+# Group names a user can type instead of listing components: mergeplan.arch knows which
+# labels (fused projections, routers, experts, Gemma's extra norms) belong to which.
+GROUPS = ("attn", "mlp", "norms", "experts")
 _ALL = {"", "*", "all"}
 _SPLIT = re.compile(r"[,\s]+")
 
@@ -57,7 +55,7 @@ def parse_components(text: str, known: list[str]) -> frozenset[str] | None:
     out: set[str] = set()
     for item in _items(text):
         if item in GROUPS:
-            out.update(c for c in GROUPS[item] if c in known)
+            out.update(component_groups(known)[item])
         elif item in known:
             out.add(item)
         else:

@@ -18,7 +18,9 @@ from ..gridmodel import ROW_EMBED, ROW_HEAD, PALETTE, Quantity
 from ..keys import COMMON
 from ..messages import EditRequested, OpenTensor, PlanChanged, Prefill
 from ..richtext import clean, tell
-from ..selection import GROUPS, format_layers
+from mergeplan.arch import component_groups
+
+from ..selection import format_layers
 from ..session import Session
 from ..widgets.layerbars import LayerBars
 from ..widgets.plangrid import PlanGrid
@@ -68,8 +70,9 @@ class GridScreen(Screen):
         gm = self.gm
         if gm.layers:
             row = gm.rows.index(gm.layers[0])
+            norms = set(component_groups(gm.components)["norms"])
             col = next((i for i, (c, _) in enumerate(grid.col_keys)
-                        if c not in GROUPS["norms"] and gm.tensor_at(gm.layers[0], c)), 0)
+                        if c not in norms and gm.tensor_at(gm.layers[0], c)), 0)
             grid.move_cursor(row, col)
         grid.focus()
 
