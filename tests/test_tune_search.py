@@ -347,3 +347,49 @@ def test_grid_on_a_shared_study_visits_each_point_once(tiny_family, tmp_path, ca
         assert con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] == 2
     t = read_plan(tmp_path / "g.plan").tuning
     assert sorted(c["assignment"].get("parameters.normalize") for c in t["candidates"][1:]) == [False, True]
+
+
+HOSTILE_TUNING = {
+    "objective": {"kind": "[bold red]loss[/]", "direction": "minimize", "describe": "[@click=app.quit]x[/]"},
+    "strategy": "[blink]grid",
+    "chosen": 1,
+    "candidates": [
+        {"id": 0, "assignment": {}, "score": 2.0, "tasks": {"[red]t": {"loss": 2.0, "accuracy": 0.1}}},
+        {"id": 1, "assignment": {"guides.aim.[b]omega": "[@click=app.quit]", "x": [1, {"y": None}]},
+         "score": float("nan"), "tasks": {"[red]t": {"loss": float("inf"), "accuracy": 0.0}}},
+    ],
+    "test": ["not", "a", "map"],
+    "search_margin": "nope",
+    "baselines": 7,
+}
+
+
+def test_a_hostile_tuning_record_prints_literally_and_never_crashes(tmp_path, capsys):
+    """show and the Tuning screen read the record's free-form parts defensively and print
+    every string from it as text (no markup, no click actions)."""
+    import asyncio
+
+    from mergeplan.plan import write_plan
+    from mergeplan_tui.app import make_app
+    from mergeplan_tui.screens.tuning import TuningScreen
+    from plan_factory import make_plan
+
+    plan = make_plan(layers=2, models=("math", "code"))
+    plan.tuning = HOSTILE_TUNING
+    path = tmp_path / "h.plan"
+    write_plan(plan, path)
+    code, out, err = run_cli(capsys, "show", path)
+    assert code == 0, err
+    assert "[bold red]loss[/]" in out and "[@click=app.quit]" in out
+
+    async def drive():
+        app = make_app(str(path), model_checker=lambda ref: "found")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("T")
+            await pilot.pause()
+            assert isinstance(app.screen, TuningScreen)
+            await pilot.press("enter")  # the chosen one: nothing to re-plan
+            await pilot.pause()
+            return app.is_running
+
+    assert asyncio.run(drive())

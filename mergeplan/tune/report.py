@@ -13,6 +13,12 @@ from mergeplan.safetext import markup
 TOP = 10  # candidates listed; the rest are counted
 
 
+def _map(x: Any) -> dict:
+    """A record's sub-map, or {} when a hand-made or hostile plan put something else there
+    (the schema checks the candidates' shape, not these free-form parts)."""
+    return x if isinstance(x, dict) else {}
+
+
 def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else markup(str(x))
 
@@ -43,10 +49,10 @@ class CandidateRow:
 def candidate_rows(tuning: dict[str, Any]) -> list[CandidateRow]:
     """The record's candidates, best first (failed ones last), with per-task losses and the
     recovered share of each task's gain (base and expert losses from the record)."""
-    obj = tuning.get("objective", {})
+    obj = _map(tuning.get("objective"))
     maximize = obj.get("direction") == "maximize"
-    base = (tuning.get("baselines") or {}).get("base") or {}
-    experts = (tuning.get("baselines") or {}).get("experts") or {}
+    base = _map(_map(tuning.get("baselines")).get("base"))
+    experts = _map(_map(tuning.get("baselines")).get("experts"))
     out = []
     for c in tuning.get("candidates", []):
         if not isinstance(c, dict):
@@ -55,7 +61,7 @@ def candidate_rows(tuning: dict[str, Any]) -> list[CandidateRow]:
         losses = {t: v.get("loss") if isinstance(v, dict) else None for t, v in tasks.items()}
         gains = {}
         for t, loss in losses.items():
-            b, e = (base.get(t) or {}).get("loss"), (experts.get(t) or {}).get("loss")
+            b, e = _map(base.get(t)).get("loss"), _map(experts.get(t)).get("loss")
             ok = all(isinstance(x, (int, float)) for x in (b, e, loss)) and b - e > 0
             gains[t] = (b - loss) / (b - e) if ok else None
         score = c.get("score") if isinstance(c.get("score"), (int, float)) else None
@@ -76,7 +82,7 @@ def bar(fraction: float | None, width: int = 8) -> str:
 
 
 def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
-    obj = tuning.get("objective", {})
+    obj = _map(tuning.get("objective"))
     rows = candidate_rows(tuning)
     scored = [r for r in rows if r.score is not None]
     tasks = list(next((r.losses for r in scored), {}))
@@ -107,14 +113,14 @@ def verdict_lines(tuning: dict[str, Any]) -> list[str]:
     chosen, recipe = cands.get(tuning.get("chosen")), cands.get(0)
     if not chosen or not recipe:
         return []
-    kind = tuning.get("objective", {}).get("kind", "score")
-    lines = [f"search split: chosen #{chosen.get('id')} {kind} {_fmt(chosen.get('score'))} "
+    kind = markup(str(_map(tuning.get("objective")).get("kind", "score")))  # plan text: escaped
+    lines = [f"search split: chosen #{markup(str(chosen.get('id')))} {kind} {_fmt(chosen.get('score'))} "
              f"vs the recipe as written {_fmt(recipe.get('score'))}"]
-    test = tuning.get("test") or {}
+    test = _map(tuning.get("test"))
     if test:
         lines.append(f"test split (never seen by the search): chosen {_fmt(test.get('chosen'))} "
                      f"vs the recipe {_fmt(test.get('recipe'))}")
-    sm, tm = tuning.get("search_margin") or {}, test.get("margin") or {}
+    sm, tm = _map(tuning.get("search_margin")), _map(test.get("margin"))
     if chosen is recipe:
         lines.append("no candidate beat the recipe as written; the plan is the recipe's own")
     elif test and test.get("within_noise"):
