@@ -44,8 +44,9 @@ class TuningScreen(Screen):
 
     def on_mount(self) -> None:
         tuning = self.session.plan.tuning or {}
-        head = text(f"objective: {tuning.get('objective', {}).get('describe', '?')}; "
-                    f"strategy {tuning.get('strategy', '?')}; bars: share of each expert's gain recovered")
+        obj = tuning.get("objective", {})
+        head = text(f"{obj.get('kind', '?')} ({'higher' if obj.get('direction') == 'maximize' else 'lower'} "
+                    f"is better) · {tuning.get('strategy', '?')} · bars: expert's gain recovered")
         # verdict_lines is Rich markup with every plan string escaped (safetext.markup)
         self.query_one("#tuning-bar", Static).update(
             RichText("\n").join([head, *(RichText.from_markup(line) for line in verdict_lines(tuning))]))
@@ -58,7 +59,7 @@ class TuningScreen(Screen):
         table.add_column("values", key="values")
         for r in self.rows:
             score = "failed" if r.score is None else f"{r.score:.4f}"
-            values = "  ".join(f"{k.split('.')[-1]}={v}" for k, v in r.assignment.items()) or "(recipe as written)"
+            values = " ".join(f"{_label(k)}={_short(v)}" for k, v in r.assignment.items()) or "(recipe as written)"
             table.add_row(("●" if r.chosen else " ") + str(r.id), score,
                           *[bar(r.gains.get(t)) for t in tasks], text(values), key=str(r.id))
         table.focus()
@@ -105,6 +106,16 @@ class TuningScreen(Screen):
             return
         self.app.call_from_thread(tell, self, f"wrote {out} (candidate #{cid}); review it with "
                                               f"`mergeplan review {out}`", timeout=10)
+
+
+def _label(path: str) -> str:
+    """`guides.aim.omega` -> omega, `merge_method` -> method: the column is narrow."""
+    return "method" if path == "merge_method" else path.split(".")[-1]
+
+
+def _short(v) -> str:
+    """Values as a reader scans them in a narrow column: 0.202191 -> 0.202."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _pick_path(plan_path: str | None, cid: int) -> Path:
