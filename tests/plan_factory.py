@@ -72,4 +72,29 @@ def make_full_plan() -> Plan:
                                                             "code": float32_array([0.3, 0.4])}}}
     plan.edit_log = [{"time": "2026-01-02T00:00:00+00:00", "tool": "review",
                       "changes": [[k.name, "math", "density", 0.5, 0.75]]}]
+    plan.aux_model = "base"
+    # What a `tune:` search records (mergeplan/tune/record.py), so fuzzing reaches its readers.
+    tasks = {"math": {"loss": 2.5, "accuracy": 0.3}, "code": {"loss": 3.0, "accuracy": 0.2}}
+    plan.tuning = {
+        "objective": {"kind": "recovered_gain", "direction": "maximize", "weights": {},
+                      "describe": "mean recovered gain (higher is better)"},
+        "strategy": "random", "seed": 0, "budget": {"candidates": 2, "time": None}, "storage": False,
+        "split": {"math": {"source": "m.jsonl", "skip": 8, "search": 4, "test": 4,
+                           "search_sha256": "0" * 64, "test_sha256": "1" * 64}},
+        "experts": {"math": "math", "code": "code"},
+        "baselines": {"base": {"math": {"loss": 3.0, "accuracy": 0.1}, "code": {"loss": 3.5, "accuracy": 0.1}},
+                      "experts": {"math": {"loss": 2.0, "accuracy": 0.4}, "code": {"loss": 2.5, "accuracy": 0.3}}},
+        "chosen": 1,
+        "candidates": [
+            {"id": 0, "assignment": {}, "score": 0.4, "tasks": tasks, "seconds": 1.0, "worker": "local"},
+            {"id": 1, "assignment": {"guides.aim.omega": 0.3, "merge_method": "dare_ties"}, "score": 0.5,
+             "tasks": tasks, "seconds": 1.0, "worker": "local"},
+            {"id": 2, "assignment": {"parameters.density": 2.0}, "score": None, "tasks": {},
+             "seconds": 0.1, "worker": "local", "error": "density must be in (0, 1]"},
+        ],
+        "search_margin": {"estimate": 0.1, "low": 0.05, "high": 0.15, "level": 0.95, "within_noise": False},
+        "test": {"chosen": 0.48, "recipe": 0.39, "margin": {"estimate": 0.09, "low": -0.01, "high": 0.2, "level": 0.95},
+                 "within_noise": True},
+        "calibration_seconds": 2.0, "interrupted": False, "notes": [],
+    }
     return plan

@@ -325,3 +325,40 @@ def test_richtext_helpers_are_literal_and_clean():
         assert m.plain == f"{s} {s}"
         assert all(span.style == "b" for span in m.spans)
     assert fit(WIDE, 5) == "模型[" and fit(WIDE, 3) == "模 " and fit("abc", 5) == "abc" and fit(ESC, 5) == "\\x1b["
+
+
+def test_tuning_screen_of_a_hostile_record_is_literal(tmp_path):
+    """A tuned plan's record (objective, strategy, tasks, assignment paths and values) is
+    plan text: the Tuning screen shows it literally, and Enter on a failed or hostile
+    candidate never runs anything from it."""
+    plan = hostile_plan()
+    tasks = {RED: {"loss": float("nan"), "accuracy": 0.1}, CLICK: {"loss": 1e308, "accuracy": 0.0}}
+    plan.tuning = {
+        "objective": {"kind": CLICK, "direction": RED, "describe": LINK},
+        "strategy": CLOSE, "chosen": 1,
+        "candidates": [
+            {"id": 0, "assignment": {}, "score": 0.5, "tasks": tasks},
+            {"id": 1, "assignment": {f"guides.{RED}": CLICK, "x": [LINK, ESC]}, "score": float("inf"), "tasks": tasks},
+            {"id": 2, "assignment": {"x": 1}, "score": None, "tasks": {}, "error": CLICK},
+        ],
+        "test": RED, "baselines": [CLICK], "search_margin": {"low": CLICK},
+    }
+    path = tmp_path / "t.plan"
+    write_plan(plan, path)
+
+    async def go():
+        from mergeplan_tui.screens.tuning import TuningScreen
+
+        app = make_app(str(path), model_checker=status)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("T")
+            await pilot.pause()
+            assert isinstance(app.screen, TuningScreen)
+            screen = check_screen(app)
+            assert CLICK in screen and f"{CLICK}" in static_text(app.screen, "#tuning-bar")
+            await pilot.press("down", "down", "enter")  # the failed candidate (listed last): a toast, no re-plan
+            await pilot.pause()
+            assert isinstance(app.screen, TuningScreen) and not [w for w in app.workers if w.group == "pick"]
+            return app.is_running
+
+    assert asyncio.run(go())
