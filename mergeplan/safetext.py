@@ -23,8 +23,10 @@ from rich.markup import escape
 from rich.text import Text
 
 # C0/C1 controls and DEL, plus the invisible characters that reorder or break lines
-# (bidi overrides and isolates, line and paragraph separators): each could disguise text.
-_LAYOUT = "\u2028\u2029\u202a-\u202e\u2066-\u2069"
+# (bidi marks, overrides and isolates, line and paragraph separators): each could disguise
+# text (a model id could make "0.25 -> 0.5" read backwards: Trojan Source). The CLI and the
+# review share this one set.
+_LAYOUT = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_LAYOUT}]")
 _CONTROL_BUT_NEWLINE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f{_LAYOUT}]")
 

@@ -105,3 +105,18 @@ def test_explicit_mask_density_edit_is_refused_before_any_change():
     with pytest.raises(MergeplanError, match="explicit"):
         ed.set([(name, "a"), (name, "b")], "density", 0.5)
     assert ed.get(name, "a", "density") == 0.25 and not ed.dirty and not ed.can_undo
+
+
+def test_nan_values_are_not_unsaved_edits():
+    """A plan holding NaN (hand-made or hostile; check_plan refuses it before apply) must not
+    count as edited: NaN != NaN would keep the review's unsaved count and quit prompt on."""
+    from mergeplan.plan.diff import diff_plans
+    from mergeplan.plan.edit import PlanEditor
+    from plan_factory import make_plan
+
+    plan = make_plan(layers=2, models=("math", "code"))
+    t = plan.tensors[1]
+    t.contributions[0].weight = float("nan")
+    ed = PlanEditor(plan.clone())
+    assert ed.pending() == []
+    assert diff_plans(plan, plan.clone()) == []

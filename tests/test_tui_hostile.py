@@ -362,3 +362,26 @@ def test_tuning_screen_of_a_hostile_record_is_literal(tmp_path):
             return app.is_running
 
     assert asyncio.run(go())
+
+
+def test_tensor_detail_of_non_finite_aim_values_renders(tmp_path):
+    """review does not run check_plan: a plan with NaN or huge AIM values must still open
+    (the detail shows them; apply's check refuses them)."""
+    import numpy as np
+
+    from mergeplan.plan import float32_array
+
+    plan = make_plan(layers=2, models=("math", "code"))
+    a, b = plan.tensors[1], plan.tensors[2]
+    a.relax = {"kind": "aim", "omega": float("nan"), "axis": 1, "scores": float32_array(np.full(a.shape[1], np.nan))}
+    b.relax = {"kind": "aim", "omega": 1e300, "axis": 1, "scores": float32_array(np.full(b.shape[1], 0.5))}
+    path = tmp_path / "nan.plan"
+    write_plan(plan, path)
+
+    async def go():
+        app = make_app(str(path), model_checker=status)
+        async with app.run_test(size=(120, 40)):
+            return [plain(render_tensor(app.session, t.name)) for t in (a, b)]
+
+    shown = asyncio.run(go())
+    assert "omega nan" in shown[0] and "AIM relaxation" in shown[1]

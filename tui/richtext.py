@@ -18,7 +18,6 @@ control character from a plan reaches the terminal.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from rich.cells import cell_len, set_cell_size
@@ -29,21 +28,9 @@ from textual.content import Content
 
 from mergeplan import safetext
 
-# Bidi embedding/override/isolate controls and marks, and the Unicode line/paragraph
-# separators, are printable as far as the plan decoder is concerned, but a terminal that
-# does bidi would reorder the rest of the line (a model id could make "0.25 -> 0.5" read
-# backwards: Trojan Source), and the separators break lines where Textual does not expect
-# it. In a review screen they are shown as visible \uXXXX escapes.
-_BIDI = re.compile("[\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _visible(m: re.Match) -> str:
-    return f"\\u{ord(m.group()):04x}"
-
-
 def clean(s: Any, keep_newlines: bool = False) -> str:
-    """safetext.clean (control characters as \\xNN) with bidi controls as \\uXXXX."""
-    return _BIDI.sub(_visible, safetext.clean(s, keep_newlines=keep_newlines))
+    """safetext.clean: control, bidi and separator characters as visible escapes."""
+    return safetext.clean(s, keep_newlines=keep_newlines)
 
 
 def text(s: Any, style: str = "", keep_newlines: bool = False) -> Text:

@@ -34,12 +34,16 @@ def aim_summary(t: TensorPlan, bins: int = 8) -> AimSummary | None:
     if f is None or f.size == 0:
         return None
     omega = float(t.relax["omega"])
-    lo_edge = min(omega, float(f.min()))
-    hi_edge = max(1.0, float(f.max()))
-    counts, edges = np.histogram(f, bins=bins, range=(lo_edge, hi_edge))
+    finite = f[np.isfinite(f)]
+    if finite.size == 0 or not np.isfinite(omega):
+        # A hand-made or hostile plan (check_plan refuses it before apply): no histogram.
+        return AimSummary(omega, None, int(f.size), float("nan"), float("nan"), float("nan"), [], [])
+    lo_edge = min(omega, float(finite.min()))
+    hi_edge = max(1.0, float(finite.max()))
+    counts, edges = np.histogram(finite, bins=bins, range=(lo_edge, hi_edge))
     axis = t.relax.get("axis")
-    return AimSummary(omega, None if axis is None else int(axis), int(f.size), float(f.min()), float(f.mean()),
-                      float(f.max()), [int(x) for x in counts], [float(x) for x in edges])
+    return AimSummary(omega, None if axis is None else int(axis), int(f.size), float(finite.min()),
+                      float(finite.mean()), float(finite.max()), [int(x) for x in counts], [float(x) for x in edges])
 
 
 # -- statistics -----------------------------------------------------------------------------

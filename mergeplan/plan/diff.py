@@ -26,6 +26,8 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # NaN in both: the same (hand-made or hostile) value, not a change
     return a == b
 
 
@@ -74,9 +76,9 @@ def _tensor_rows(a: TensorPlan, b: TensorPlan) -> list[DiffRow]:
         if ca is None or cb is None:
             rows.append(DiffRow(a.name, m, "contribution", "present" if ca else None, "present" if cb else None))
             continue
-        if ca.weight != cb.weight:
+        if not _same(ca.weight, cb.weight):
             rows.append(DiffRow(a.name, m, "weight", ca.weight, cb.weight))
-        if ca.density != cb.density:
+        if not _same(ca.density, cb.density):
             rows.append(DiffRow(a.name, m, "density", ca.density, cb.density))
         ma, mb = _mask_view(ca.mask), _mask_view(cb.mask)
         for k in sorted(set(ma) | set(mb)):

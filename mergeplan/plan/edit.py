@@ -127,6 +127,14 @@ def _refresh_digests(t: TensorPlan, loaded: TensorPlan) -> None:
                 c.mask.pop(key, None)
 
 
+def differs(a: Any, b: Any) -> bool:
+    """a != b, except that two NaNs (a hand-made or hostile plan's values) are the same
+    value: otherwise a NaN would count as an unsaved edit forever."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return False
+    return a != b
+
+
 class PlanEditor:
     """Holds a plan being edited, the plan as loaded, and undo/redo stacks."""
 
@@ -217,7 +225,7 @@ class PlanEditor:
             c = self.plan.tensor(t).contribution(m) if m else None
             if field == "density" and c is not None and c.mask is not None and "bits" in c.mask:
                 raise MergeplanError(f"{t} [{m}]: has an explicit edited mask; its density is fixed by its bits")
-            if old != v:
+            if differs(old, v):
                 changes.append(Change(t, m, field, old, v))
         for c in changes:
             self._set(c.tensor, c.model, c.field, c.new)
@@ -269,7 +277,7 @@ class PlanEditor:
             for m, f in fields:
                 new = self.get(t.name, m, f)
                 old = self.planned(t.name, m, f)
-                if new != old:
+                if differs(new, old):
                     out.append(Change(t.name, m, f, old, new))
         return out
 

@@ -161,7 +161,7 @@ def render_tensor(session: Session, name: str) -> Group:
             atext.append(f" (planned {planned_omega:g})", style="bold yellow")
         atext.append(f" · axis {aim.axis} · {aim.n} channels · factor 1 - a(1-omega): min {aim.lo:.3f} "
                      f"mean {aim.mean:.3f} max {aim.hi:.3f}\n")
-        top = max(aim.counts) or 1
+        top = max(aim.counts, default=0) or 1
         for i, n in enumerate(aim.counts):
             bar = "█" * max(1 if n else 0, round(30 * n / top))
             atext.append(f"  {aim.edges[i]:.3f}-{aim.edges[i + 1]:.3f} ")

@@ -19,6 +19,8 @@ from textual.binding import Binding
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.scroll_view import ScrollView
+
+from mergeplan.plan.edit import differs
 from textual.strip import Strip
 
 from mergeplan.plan.edit import PlanEditor
@@ -130,7 +132,7 @@ class PlanGrid(ScrollView, can_focus=True):
         # Nothing differs from the plan as loaded until the editor copied it (first edit).
         if name is not None and field is not None and v is not None and self.editor.loaded is not self.editor.plan:
             m = model if q.per_model else None
-            edited = self.editor.get(name, m, field) != self.editor.planned(name, m, field)
+            edited = differs(self.editor.get(name, m, field), self.editor.planned(name, m, field))
         colours = None if (row, comp, model) in self._off_scale else heat(v, *self.value_range)
         style = Style(bgcolor=colours[0], color=colours[1]) if colours else empty
         if v is None and name is not None and self.gm.pending(name, q, model):
