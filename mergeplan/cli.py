@@ -94,7 +94,7 @@ def plan(
     t0 = time.perf_counter()
     if rec.tune is not None and not no_tune:
         p = _tuned_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
-                                         remap=_parse_remap(model)), quiet, output, force)
+                                         remap=_parse_remap(model)), quiet)
     else:
         with StageProgress(err, quiet) as prog:
             p = build_plan(rec, PlanOptions(device=device, threads=threads, full_hash=full_hash, quiet=quiet,
@@ -107,16 +107,16 @@ def plan(
     out.print(decision_digest(p))
 
 
-def _tuned_plan(rec, opts, quiet: bool, output: Path, force: bool):
+def _tuned_plan(rec, opts, quiet: bool):
     from .tune.report import candidates_table, verdict_lines
     from .tune.search import tune_plan
 
-    res = tune_plan(rec, opts, say=(lambda s: None) if quiet else (lambda s: err.print(_markup(s))))
+    plan = tune_plan(rec, opts, say=(lambda s: None) if quiet else (lambda s: err.print(_markup(s))))
     if not quiet:
-        err.print(candidates_table(res.plan.tuning))
-        for line in verdict_lines(res.plan.tuning):
+        err.print(candidates_table(plan.tuning))
+        for line in verdict_lines(plan.tuning):
             err.print(line)
-    return res.plan
+    return plan
 
 
 @app.command()
@@ -124,18 +124,19 @@ def pick(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="A plan made by a `tune:` search.")],
     candidate: Annotated[int, typer.Argument(metavar="N", help="The candidate's number (# in the tuning table).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Plan file to write.")],
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="The recipe the search ran (default: where the plan says it was).")] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
     device: Annotated[str, typer.Option(help="Calibration device: auto, cpu, cuda, cuda:N, mps.")] = "auto",
     threads: Annotated[int, typer.Option(help="Worker threads for mask computation.")] = max(1, os.cpu_count() or 1),
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
 ) -> None:
-    """Re-plan a tuned plan with another candidate's values (the inputs must be unchanged)."""
+    """Re-plan a tuned plan with another candidate's values (same recipe file, unchanged inputs)."""
     from .plan.codec import read_plan, write_plan
     from .plan.identity import decision_digest
     from .tune.pick import pick as pick_candidate
 
     _check_plan_output(output, force)
-    p = pick_candidate(read_plan(plan_file), candidate, _parse_remap(model), str(plan_file), device, threads)
+    p = pick_candidate(read_plan(plan_file), candidate, recipe, _parse_remap(model), str(plan_file), device, threads)
     _check_plan_output(output, force)
     write_plan(p, output)
     err.print(f"wrote {_markup(output)}: candidate #{candidate} of {_markup(plan_file)}")

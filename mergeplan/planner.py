@@ -11,7 +11,6 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -67,7 +66,7 @@ class _Inputs:
 
 
 def _open_models(recipe: Recipe, opts: PlanOptions) -> _Inputs:
-    recipe_dir = recipe.path.parent if recipe.path else Path.cwd()
+    recipe_dir = recipe.dir
     spec = METHODS[recipe.merge_method]
     dirs: dict[str, ModelDir] = {}
 
@@ -329,15 +328,11 @@ def _guide_inputs(recipe: Recipe, inp: _Inputs):
             [ModelInput(t.id, inp.dirs[t.id].path) for t in inp.tasks])
 
 
-def _recipe_dir(recipe: Recipe) -> Path:
-    return recipe.path.parent if recipe.path else Path.cwd()
-
-
 def _check_stats(recipe: Recipe, stats, base, tasks) -> None:
     """Reused statistics must come from this recipe's calibration settings and models."""
     from .calibrate.settings import parse_calibration
 
-    settings = parse_calibration(recipe.calibration, _recipe_dir(recipe))
+    settings = parse_calibration(recipe.calibration, recipe.dir)
     if settings != stats.settings:
         raise MergeplanError("the calibration statistics given were gathered with other calibration settings "
                              "than this recipe's `calibration:` section; calibrate again for this recipe")
@@ -361,8 +356,8 @@ def calibrate_recipe(recipe: Recipe, opts: PlanOptions | None = None, options=No
         _check_tensor_tables(inp)
         base, tasks = _guide_inputs(recipe, inp)
         candidates = [parse_guides(recipe.guides)] if options is None else list(options)
-        return calibrate(candidates, parse_calibration(recipe.calibration, _recipe_dir(recipe)), base, tasks,
-                         _recipe_dir(recipe), device=opts.device, quiet=opts.quiet)
+        return calibrate(candidates, parse_calibration(recipe.calibration, recipe.dir), base, tasks,
+                         recipe.dir, device=opts.device, quiet=opts.quiet)
     finally:
         for d in inp.dirs.values():
             d.close()
@@ -396,7 +391,7 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> P
 
             base, tasks = _guide_inputs(recipe, inp)
             if stats is None:
-                decisions = run_guides(recipe.guides, recipe.calibration, base, tasks, _recipe_dir(recipe),
+                decisions = run_guides(recipe.guides, recipe.calibration, base, tasks, recipe.dir,
                                        device=opts.device, quiet=opts.quiet)
             else:
                 from .guides.decide import decide
@@ -414,7 +409,7 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> P
             seed=int(recipe.seed),
             out_dtype=recipe.output_dtype,
             recipe={"path": str(recipe.path) if recipe.path else "", "text": recipe.text,
-                    "dir": str((recipe.path.parent if recipe.path else Path.cwd()).resolve())},
+                    "dir": str(recipe.dir.resolve())},
             guides=decisions.guides if decisions else {},
             calibration=decisions.calibration if decisions else {},
             stats=decisions.plan_stats if decisions else {},

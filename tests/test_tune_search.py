@@ -393,3 +393,34 @@ def test_a_hostile_tuning_record_prints_literally_and_never_crashes(tmp_path, ca
             return app.is_running
 
     assert asyncio.run(drive())
+
+
+def test_pick_runs_only_the_recipe_the_search_ran(grid_run, tmp_path, capsys):
+    """The recipe text inside a received plan names data files and datasets: pick runs a
+    recipe file from this machine, and only the one whose text the plan recorded. A picked
+    candidate keeps no test-split verdict measured for another."""
+    recipe, plan_path, _ = grid_run
+    other = tmp_path / "other.yaml"
+    other.write_text(recipe.read_text().replace("seed: 3", "seed: 4"))
+    code, _, err = run_cli(capsys, "pick", plan_path, "1", "-o", tmp_path / "x.plan", "--recipe", other)
+    assert code != 0 and "not the recipe this plan was tuned with" in err and len(err.strip().splitlines()) == 1
+    tuned = read_plan(plan_path)
+    cid = next(c["id"] for c in tuned.tuning["candidates"] if c["id"] not in (0, tuned.tuning["chosen"]))
+    code, _, err = run_cli(capsys, "pick", plan_path, str(cid), "-o", tmp_path / "y.plan", "--recipe", recipe)
+    assert code == 0, err
+    t = read_plan(tmp_path / "y.plan").tuning
+    assert t["test"] == {} and t["search_margin"] is None
+    code, out, _ = run_cli(capsys, "show", tmp_path / "y.plan")
+    assert "test split" not in out and "margin holds" not in out
+
+
+def test_loss_weights_must_name_a_held_out_task(tiny_family, tmp_path, capsys):
+    tune = f"""  strategy: grid
+  objective: {{loss: {{code: 1.0}}}}
+  heldout: {{data: {{math: {tiny_family.data['math']}}}, samples: 2, test: 0}}
+  space:
+    parameters.normalize: [true, false]
+"""
+    code, _, err = run_cli(capsys, "plan", _recipe(tmp_path, tiny_family, tune), "-o", tmp_path / "x.plan", "-q")
+    assert code != 0 and "weigh at least one of them" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

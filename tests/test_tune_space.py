@@ -107,3 +107,54 @@ def test_grid_asker_walks_the_grid_then_stops():
     while (x := asker.ask()) is not None:
         seen.append(x[1])
     assert seen == [{"a": 1, "b": True}, {"a": 1, "b": False}, {"a": 2, "b": True}, {"a": 2, "b": False}]
+
+
+def test_failed_study_candidates_spend_the_budget():
+    """A space where every candidate fails must still end: Optuna's failed trials count."""
+    pytest.importorskip("optuna")
+    dims = [Dimension("guides.aim.omega", "float", low=0.1, high=0.9)]
+    asker = make_asker(dims, "tpe", 0, "maximize", budget=3)
+    asked = 0
+    while (x := asker.ask()) is not None and asked < 20:
+        asked += 1
+        asker.fail(x[0])
+    assert asked == 3
+
+
+def test_local_strategies_stop_at_the_budget():
+    dims = [Dimension("a", "categorical", choices=(1, 2, 3, 4))]
+    for strategy in ("grid", "random"):
+        asker = make_asker(dims, strategy, 0, "maximize", budget=2)
+        got = []
+        while (x := asker.ask()) is not None:
+            got.append(x[1]["a"])
+        assert len(got) == 2, strategy
+
+
+def test_one_calibration_covers_every_guide_combination_or_says_why_not():
+    """Finite guide dimensions are calibrated for in every combination; a continuous range
+    over an option that changes what is measured is refused."""
+    from mergeplan.calibrate.request import Request
+    from mergeplan.errors import MergeplanError
+    from mergeplan.recipe import parse_recipe
+    from mergeplan.tune.search import _guide_variants
+
+    rec = parse_recipe("""merge_method: ties
+base_model: ./b
+models:
+  - {model: ./m, parameters: {weight: 1.0, density: 0.5}}
+  - {model: ./c, parameters: {weight: 1.0, density: 0.5}}
+calibration: {data: d.txt}
+guides:
+  lewis: {wanda_prune: true}
+""")
+    gamma = Dimension("guides.lewis.gamma", "categorical", choices=(0.2, 0.6))
+    sparsity = Dimension("guides.lewis.wanda_sparsity", "float", low=0.3, high=0.5, step=0.2)
+    union = Request.of(_guide_variants(rec, [gamma, sparsity]))
+    for g in (0.2, 0.6):
+        for s in (0.3, 0.5):
+            need = Request.of(rec.with_assignment({gamma.path: g, sparsity.path: s}).guide_options)
+            assert union.covers(need), (g, s)
+    assert not Request.of(rec.guide_options).covers(Request.of(rec.with_assignment({sparsity.path: 0.3}).guide_options))
+    with pytest.raises(MergeplanError, match="changes what calibration measures"):
+        _guide_variants(rec, [gamma, Dimension("guides.lewis.wanda_sparsity", "float", low=0.3, high=0.5)])

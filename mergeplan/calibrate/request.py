@@ -22,6 +22,10 @@ from typing import Iterable
 from mergeplan.guides.options import GuideOptions
 
 
+# Guide options that change what the model passes compute (the rest change only the math).
+MEASURED_OPTIONS = frozenset({("lewis", "wanda_prune"), ("lewis", "wanda_sparsity"), ("sens", "per_sample")})
+
+
 @dataclass(frozen=True)
 class Request:
     base_abs: bool = False  # AIM: |x| of the base on the AIM data

@@ -23,7 +23,7 @@ import torch
 from mergeplan.errors import MergeplanError
 from mergeplan.evaluate.data import EvalSet, load_eval_sets
 from mergeplan.evaluate.score import SampleScores, score_model
-from mergeplan.evaluate.stats import Interval, bootstrap_ci, mean_gain, sizes_of, task_gain
+from mergeplan.evaluate.stats import Interval, bootstrap_ci, mean_gain, sizes_of, task_gain, within_noise
 
 BASE, FINETUNE, MERGE = "base", "fine-tune", "merge"
 
@@ -36,9 +36,6 @@ class Target:
     kind: str  # base | fine-tune | merge
     path: Path  # model directory, or the plan file
     plan: Any = None  # Plan for a plan target
-
-    def describe(self) -> str:
-        return f"{self.path} (plan, merged in memory)" if self.plan is not None else str(self.path)
 
 
 @dataclass
@@ -214,7 +211,7 @@ def evaluate(
     """Score every target (and, with `baselines`, the base and each fine-tune) on every task."""
     from mergeplan.calibrate.models import load_tokenizer
     from mergeplan.calibrate.progress import CalibProgress
-    from mergeplan.devices import pick_device
+    from mergeplan.devices import pick_device, torch_threads
 
     _quiet_transformers()
     remap = dict(remap or {})
@@ -225,13 +222,11 @@ def evaluate(
     finetunes = [t.name for t in rows if t.kind == FINETUNE]
     experts = find_experts(tasks, finetunes, merges, root) if rows else {t: None for t in tasks}
     results: list[ModelResult] = []
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with torch_threads(threads):
         with CalibProgress(quiet, console=console, prefix="eval") as progress:
+            total = sum(-(-len(es.samples) // batch_size) for es in tasks.values())  # batches per model
             for t in [*rows, *merges]:
                 t0 = time.perf_counter()
-                total = sum(-(-len(es.samples) // batch_size) for es in tasks.values())
                 if t.plan is not None:
                     with progress.task(f"{t.name} · merge in memory", len(t.plan.tensors)) as adv:
                         model = merged_model(t.plan, threads=threads, device=dev, remap=plan_remap(t.plan, remap),
@@ -243,8 +238,6 @@ def evaluate(
                 del model
                 gc.collect()
                 results.append(ModelResult(t, scores, round(time.perf_counter() - t0, 3)))
-    finally:
-        torch.set_num_threads(prev)
     report = EvalReport(tasks, experts, results, {
         "samples": samples, "seq_len": seq_len, "skip": skip, "batch_size": batch_size, "device": str(dev),
         "threads": threads, "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95},
@@ -276,7 +269,7 @@ def add_gains(report: EvalReport, n_boot: int = 1000, seed: int = 0) -> None:
                                                                                              ex, idx),
                           sizes, n_boot, seed=seed)
         report.comparison = {"best": a.target.name, "runner_up": b.target.name, "difference": ci,
-                             "within_noise": ci.contains(0.0)}
+                             "within_noise": within_noise(ci)}
 
 
 def _quiet_transformers() -> None:

@@ -83,7 +83,3 @@ def score_model(
         out[name] = SampleScores(np.concatenate(loss).astype(np.float64), np.concatenate(correct).astype(np.int64),
                                  np.concatenate(tokens).astype(np.int64))
     return out
-
-
-def batch_count(sets: dict[str, EvalSet], batch_size: int) -> int:
-    return sum(-(-len(es.samples) // batch_size) for es in sets.values())

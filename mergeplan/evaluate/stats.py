@@ -120,3 +120,11 @@ def bootstrap_ci(
 
 def sizes_of(scores: Mapping[str, SampleScores]) -> dict[str, int]:
     return {t: int(s.tokens.size) for t, s in scores.items()}
+
+
+def within_noise(iv: Interval, higher_is_better: bool = True) -> bool:
+    """Whether the interval of a difference (winner - other) fails to clear zero in the
+    better direction; an interval bootstrap could not compute (NaN) is noise too."""
+    if not (np.isfinite(iv.low) and np.isfinite(iv.high)):
+        return True
+    return iv.low <= 0 if higher_is_better else iv.high >= 0

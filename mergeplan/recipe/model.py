@@ -67,6 +67,11 @@ class Recipe:
         raise KeyError(name)
 
     @property
+    def dir(self) -> Path:
+        """Where the recipe's relative paths (models, data) are resolved: its directory."""
+        return self.path.parent if self.path else Path.cwd()
+
+    @property
     def all_models(self) -> list[ModelSpec]:
         """Base first (when there is one), then the merge inputs, without repeats."""
         out = [self.base_model] if self.base_model is not None else []

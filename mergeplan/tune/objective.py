@@ -16,8 +16,10 @@ from typing import Mapping
 
 import numpy as np
 
+from mergeplan.errors import MergeplanError
 from mergeplan.evaluate.score import SampleScores
 from mergeplan.evaluate.stats import Indices, Interval, bootstrap_ci, mean_gain, sizes_of, task_loss
+from mergeplan.evaluate.stats import within_noise as stats_within_noise
 
 Scores = Mapping[str, SampleScores]
 
@@ -48,7 +50,8 @@ class Objective:
         w = {t: float(self.weights.get(t, 0.0 if self.weights else 1.0)) for t in merged}
         total = sum(w.values())
         if total <= 0:
-            raise ValueError("the loss objective's weights name no evaluated task")
+            raise MergeplanError("tune.objective.loss: its weights name no held-out task; weigh at least one "
+                                 f"of {', '.join(merged)}")
         vals = sum(w[t] * np.asarray(task_loss(s, None if idx is None else idx[t]), dtype=np.float64)
                    for t, s in merged.items() if w[t])
         out = vals / total
@@ -68,6 +71,4 @@ def margin(objective: Objective, a: Scores, b: Scores, base: Scores, experts: Ma
 
 def within_noise(objective: Objective, iv: Interval) -> bool:
     """True when the interval of (winner - other) does not clear zero in the better direction."""
-    if not np.isfinite(iv.low):
-        return True
-    return iv.low <= 0 if objective.direction == "maximize" else iv.high >= 0
+    return stats_within_noise(iv, objective.direction == "maximize")

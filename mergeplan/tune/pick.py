@@ -29,17 +29,30 @@ def candidate(plan: Plan, cid: int) -> dict[str, Any]:
     raise MergeplanError(f"the plan has no candidate #{cid}; candidates: {', '.join(map(str, ids))}")
 
 
-def pick(plan: Plan, cid: int, remap: dict[str, str] | None = None, plan_path: str | None = None,
-         device: str = "auto", threads: int = 1, quiet: bool = True) -> Plan:
-    """The plan of candidate `cid`, with the tuning record kept and `chosen` set to it."""
+def pick(plan: Plan, cid: int, recipe_path: str | Path | None = None, remap: dict[str, str] | None = None,
+         plan_path: str | None = None, device: str = "auto", threads: int = 1, quiet: bool = True) -> Plan:
+    """The plan of candidate `cid`, with the tuning record kept and `chosen` set to it.
+
+    The recipe that runs is a file on this machine (`recipe_path`, else where the plan
+    says it was), never the text inside the plan: that text is untrusted and names data
+    files and hub datasets the re-plan would read. The file must be the recipe the search
+    ran (the same text), so the candidate's values mean what they meant in the search."""
     from mergeplan.apply import model_paths
     from mergeplan.planner import PlanOptions, build_plan
-    from mergeplan.recipe import parse_recipe
+    from mergeplan.recipe import load_recipe
 
     c = candidate(plan, cid)
-    rdir = plan.recipe.get("dir") or (str(Path(plan_path).parent) if plan_path else ".")
-    rpath = Path(rdir) / (Path(plan.recipe.get("path") or "recipe.yaml").name)
-    recipe = parse_recipe(plan.recipe.get("text", ""), rpath)
+    rpath = Path(recipe_path) if recipe_path else Path(plan.recipe.get("dir") or ".") / Path(
+        plan.recipe.get("path") or "recipe.yaml").name
+    if not rpath.is_file():
+        raise MergeplanError(f"{rpath}: the recipe this plan was tuned with is not there; "
+                             "give it with --recipe PATH")
+    recipe = load_recipe(rpath)
+    if recipe.text != plan.recipe.get("text"):
+        raise MergeplanError(f"{rpath} is not the recipe this plan was tuned with (its text differs); "
+                             "give that recipe with --recipe PATH")
+    if {m.name for m in recipe.all_models} != {m.id for m in plan.models}:
+        raise MergeplanError(f"{rpath}: its models are not the plan's ({', '.join(m.id for m in plan.models)})")
     paths = model_paths(plan, dict(remap or {}), plan_path)
     new = build_plan(recipe.with_assignment(dict(c["assignment"])),
                      PlanOptions(device=device, threads=threads, quiet=quiet,
@@ -53,7 +66,13 @@ def pick(plan: Plan, cid: int, remap: dict[str, str] | None = None, plan_path: s
                 f"model {m.id} is not the one the search read ({changed} differs); candidate #{cid}'s "
                 "scores do not apply to it: run the search again on these inputs"
             )
-    new.tuning = {**plan.tuning, "chosen": cid}
-    new.notes.append(f"tune: candidate #{cid} picked over the search's choice #{plan.tuning.get('chosen')}")
+    tuning = {**plan.tuning, "chosen": cid}
+    if cid != plan.tuning.get("chosen"):
+        # The test-split scores and both margins were measured for the search's choice; the
+        # record keeps no per-sample scores to redo them for another candidate.
+        tuning.update(test={}, search_margin=None)
+    new.tuning = tuning
+    new.notes.append(f"tune: candidate #{cid} picked over the search's choice #{plan.tuning.get('chosen')}; "
+                     "its test-split score was not measured (mergeplan eval measures it)")
     new.edit_log = list(plan.edit_log)
     return new

@@ -6,10 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 
+def task_summary(scores) -> dict[str, dict[str, float]]:
+    """Per-task loss and accuracy of SampleScores, as the record keeps them."""
+    return {t: {"loss": round(s.loss, 6), "accuracy": round(s.accuracy, 6)} for t, s in scores.items()}
+
+
 def tuning_record(spec, objective, candidates, chosen, data, base_scores, expert_scores, test, search_margin,
                   calib_seconds: float, interrupted: bool) -> dict[str, Any]:
-    def tasks(scores) -> dict[str, dict[str, float]]:
-        return {t: {"loss": round(s.loss, 6), "accuracy": round(s.accuracy, 6)} for t, s in scores.items()}
+    tasks = task_summary
 
     return {
         "objective": {"kind": objective.kind, "direction": objective.direction,
@@ -22,8 +26,7 @@ def tuning_record(spec, objective, candidates, chosen, data, base_scores, expert
         "experts": {t: e for t, e in data.experts.items()},
         "baselines": {
             "base": tasks(base_scores["search"]),
-            "experts": {t: (None if s is None else {"loss": round(s.loss, 6), "accuracy": round(s.accuracy, 6)})
-                        for t, s in expert_scores["search"].items()},
+            "experts": {t: (None if s is None else task_summary({t: s})[t]) for t, s in expert_scores["search"].items()},
         },
         "chosen": chosen.id,
         "candidates": [

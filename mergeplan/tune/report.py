@@ -23,10 +23,14 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else markup(str(x))
 
 
-def _short_names(paths: list[str]) -> dict[str, str]:
-    """Column headers: the last path component (`omega`), longer only where two collide."""
+def short_names(paths: list[str]) -> dict[str, str]:
+    """Column headers: the last path component (`omega`, `merge_method` -> `method`), longer
+    only where two collide."""
     out = {}
     for p in paths:
+        if p == "merge_method":
+            out[p] = "method"
+            continue
         parts = p.split(".")
         k = 1
         while k < len(parts) and sum(q.split(".")[-k:] == parts[-k:] for q in paths) > 1:
@@ -87,7 +91,7 @@ def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
     scored = [r for r in rows if r.score is not None]
     tasks = list(next((r.losses for r in scored), {}))
     dims = list(dict.fromkeys(k for r in rows for k in r.assignment))
-    short = _short_names(dims)
+    short = short_names(dims)
     t = Table(title=f"tuning: {markup(str(obj.get('describe', obj.get('kind', ''))))}; "
                     f"{len(rows) - 1} candidate(s) and the recipe as written (#0)",
               title_justify="left")

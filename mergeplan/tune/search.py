@@ -17,6 +17,7 @@ is freed before the next.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import signal
 import time
@@ -24,13 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from mergeplan.errors import MergeplanError
 from mergeplan.evaluate.score import SampleScores
 from mergeplan.plan.model import Plan
 from mergeplan.tune.objective import Objective, margin, within_noise
-from mergeplan.tune.record import tuning_record
+from mergeplan.tune.record import task_summary, tuning_record
 from mergeplan.tune.split import HeldOutData, load_heldout
 from mergeplan.tune.strategy import make_asker
 
@@ -47,16 +46,6 @@ class Candidate:
     error: str | None = None
     worker: str = "local"
     plan: Plan | None = None  # kept only for the best so far and the recipe's own
-
-
-@dataclass
-class TuneResult:
-    plan: Plan
-    candidates: list[Candidate]
-    chosen: Candidate
-    recipe: Candidate
-    test: dict[str, Any]
-    interrupted: bool = False
 
 
 def objective_of(spec) -> Objective:
@@ -90,128 +79,114 @@ class _Stop:
         return False
 
 
-def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> TuneResult:
+def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> Plan:
     """Search `recipe.tune.space`; return the best candidate's plan with its tuning record."""
-    from mergeplan.planner import PlanOptions, build_plan, calibrate_recipe
+    from mergeplan.devices import pick_device, torch_threads
+    from mergeplan.evaluate.run import score_plan
+    from mergeplan.planner import build_plan, calibrate_recipe
 
     spec = recipe.tune
     dims = spec.dimensions()
     objective = objective_of(spec)
-    base_opts = PlanOptions(device=opts.device, threads=opts.threads, quiet=True, remap=dict(opts.remap),
-                            memory_budget=opts.memory_budget)
+    # Every candidate is planned as `mergeplan plan` would (--full-hash, remaps and budget
+    # included), without its progress display: the search prints a line per candidate.
+    cand_opts = dataclasses.replace(opts, quiet=True, progress=None)
     untuned = recipe.with_assignment({})
+    dev = pick_device(opts.device)
 
     # -- calibrate once ------------------------------------------------------------------
     t0 = time.perf_counter()
     if stats is None and _guided(untuned, dims):
         variants = _guide_variants(untuned, dims)
         say(f"tune: calibrating once for {len(variants)} guide setting(s)")
-        stats = calibrate_recipe(untuned, PlanOptions(device=opts.device, quiet=opts.quiet,
-                                                      remap=dict(opts.remap)), options=variants)
+        stats = calibrate_recipe(untuned, dataclasses.replace(opts, progress=None), options=variants)
     calib_s = time.perf_counter() - t0
 
-    # -- held-out data and the baselines -------------------------------------------------
-    data = load_heldout(untuned, spec.heldout, stats, remap=opts.remap)
-    dev = _device(opts.device)
-    say(f"tune: held-out {data.describe()}")
-    base_scores, expert_scores = _baselines(data, dev, opts.threads, say)
-    for task, e in expert_scores["search"].items():
-        # A task whose expert is no better than the base on it has no gain to recover: its
-        # ratio would divide by ~0 or flip sign. Left out of the objective, and said.
-        if objective.kind == "recovered_gain" and e is not None and not e.loss < base_scores["search"][task].loss:
-            for split in expert_scores.values():
-                split[task] = None
-            data.notes.append(f"tune: task {task}: its expert {data.experts[task]} is no better than the base "
-                              "on the held-out samples, so the task is left out of recovered_gain")
-    for n in data.notes:
-        say(n)
-    if objective.kind == "recovered_gain" and not any(e is not None for e in expert_scores["search"].values()):
-        raise MergeplanError(
-            "tune.objective recovered_gain needs a task whose expert (the fine-tune named like the task) "
-            "is in the recipe; name held-out tasks after model ids, or use objective {loss: {task: weight}}"
-        )
+    with torch_threads(opts.threads):
+        # -- held-out data and the baselines ---------------------------------------------
+        data = load_heldout(untuned, spec.heldout, objective, remap=opts.remap)
+        say(f"tune: held-out {data.describe()}")
+        base_scores, expert_scores = _baselines(data, dev, say)
+        _drop_experts_without_gain(objective, data, base_scores, expert_scores)
+        for n in data.notes:
+            say(n)
 
-    def evaluate(c: Candidate, rec) -> None:
-        t = time.perf_counter()
-        plan = build_plan(rec, base_opts, stats=stats)
-        c.scores = _score_plan(plan, data.search, dev, opts.threads)
-        c.score = float(objective.value(c.scores, base_scores["search"], expert_scores["search"]))
-        c.plan = plan
-        c.seconds = round(time.perf_counter() - t, 3)
+        def evaluate(c: Candidate, rec) -> None:
+            t = time.perf_counter()
+            plan = build_plan(rec, cand_opts, stats=stats)
+            c.scores = score_plan(plan, data.search, threads=opts.threads, device=dev)
+            c.score = float(objective.value(c.scores, base_scores["search"], expert_scores["search"]))
+            c.plan = plan
+            c.seconds = round(time.perf_counter() - t, 3)
 
-    candidates: list[Candidate] = []
-    recipe_c = Candidate(0, {})
-    evaluate(recipe_c, untuned)
-    candidates.append(recipe_c)
-    best = recipe_c
-    say(_line(recipe_c, best, objective, "recipe as written"))
+        recipe_c = Candidate(0, {})
+        evaluate(recipe_c, untuned)
+        candidates = [recipe_c]
+        best = recipe_c
+        say(_line(recipe_c, best, objective, "recipe as written"))
 
-    asker = make_asker(dims, spec.strategy, spec.seed, objective.direction, spec.storage, spec.study,
-                       spec.candidates)
-    limit = spec.candidates
-    end = None if spec.time is None else time.monotonic() + spec.time
-    interrupted = False
-    with _Stop() as stop:
-        while True:
-            if stop.requested:
-                interrupted = True
-                break
-            searched = len(candidates) - 1
-            if limit is not None and not asker.shared and searched >= limit:
-                break
-            if end is not None and time.monotonic() >= end:
-                break
-            asked = asker.ask()
-            if asked is None:
-                break
-            handle, assignment = asked
-            c = Candidate(len(candidates), assignment)
+        def consider(c: Candidate, handle=None) -> None:
+            """Score one candidate, keep it if it is the best so far (its plan freed otherwise)."""
+            nonlocal best
             try:
-                evaluate(c, untuned.with_assignment(assignment))
+                evaluate(c, untuned.with_assignment(c.assignment))
             except MergeplanError as e:
                 c.error = str(e)
-                asker.fail(handle)
+                if handle is not None:
+                    asker.fail(handle)
             else:
-                asker.tell(handle, c.score, {"tasks": _task_summary(c.scores), "seconds": c.seconds})
+                if handle is not None:
+                    asker.tell(handle, c.score, {"tasks": task_summary(c.scores), "seconds": c.seconds})
                 if objective.better(c.score, best.score):
                     if best is not recipe_c:
                         best.plan = None
                     best = c
-                elif c is not recipe_c:
+                else:
                     c.plan = None
             candidates.append(c)
-            say(_line(c, best, objective, _show(assignment)))
+            say(_line(c, best, objective, _show(c.assignment)))
             gc.collect()
 
-    # -- a shared study: another worker's candidate may be the best ----------------------
-    if spec.storage:
-        for t in asker.finished():
-            if t["value"] is None or not objective.better(t["value"], best.score):
-                continue
-            c = Candidate(len(candidates), t["assignment"], worker=f"study trial {t['number']}")
-            evaluate(c, untuned.with_assignment(t["assignment"]))
-            candidates.append(c)
-            if objective.better(c.score, best.score):
-                best = c
-        say(f"tune: the study holds {len(asker.finished())} finished candidate(s) from every worker")
+        asker = make_asker(dims, spec.strategy, spec.seed, objective.direction, spec.storage, spec.study,
+                           spec.candidates)
+        end = None if spec.time is None else time.monotonic() + spec.time
+        interrupted = False
+        with _Stop() as stop:
+            while not (interrupted := stop.requested):
+                if end is not None and time.monotonic() >= end:
+                    break
+                asked = asker.ask()  # None once the budget or the space is spent
+                if asked is None:
+                    break
+                consider(Candidate(len(candidates), asked[1]), asked[0])
 
-    # -- test set: the winner and the recipe as written, on samples the search never saw --
-    test: dict[str, Any] = {}
-    if data.test:
-        say("tune: scoring the chosen plan and the recipe's on the test split")
-        best_test = _score_plan(best.plan, data.test, dev, opts.threads)
-        rec_test = best_test if best is recipe_c else _score_plan(recipe_c.plan, data.test, dev, opts.threads)
-        bt, et = base_scores["test"], expert_scores["test"]
-        test = {
-            "chosen": float(objective.value(best_test, bt, et)),
-            "recipe": float(objective.value(rec_test, bt, et)),
-            "chosen_tasks": _task_summary(best_test),
-            "recipe_tasks": _task_summary(rec_test),
-        }
-        if best is not recipe_c:
-            iv = margin(objective, best_test, rec_test, bt, et, seed=spec.seed)
-            test["margin"] = iv.as_dict()
-            test["within_noise"] = within_noise(objective, iv)
+        # -- a shared study: another worker's candidate may be the best ------------------
+        if spec.storage:
+            finished = asker.finished()
+            for t in finished:
+                if t["value"] is not None and objective.better(t["value"], best.score):
+                    # Re-planned and re-scored here: the written plan's scores are this machine's.
+                    consider(Candidate(len(candidates), t["assignment"], worker=f"study trial {t['number']}"))
+            say(f"tune: the study holds {len(finished)} finished candidate(s) from every worker")
+
+        # -- test split: the winner and the recipe as written, on samples the search never saw
+        test: dict[str, Any] = {}
+        if data.test:
+            say("tune: scoring the chosen plan and the recipe's on the test split")
+            best_test = score_plan(best.plan, data.test, threads=opts.threads, device=dev)
+            rec_test = best_test if best is recipe_c else score_plan(recipe_c.plan, data.test, threads=opts.threads,
+                                                                      device=dev)
+            bt, et = base_scores["test"], expert_scores["test"]
+            test = {
+                "chosen": float(objective.value(best_test, bt, et)),
+                "recipe": float(objective.value(rec_test, bt, et)),
+                "chosen_tasks": task_summary(best_test),
+                "recipe_tasks": task_summary(rec_test),
+            }
+            if best is not recipe_c:
+                iv = margin(objective, best_test, rec_test, bt, et, seed=spec.seed)
+                test["margin"] = iv.as_dict()
+                test["within_noise"] = within_noise(objective, iv)
     search_margin = None
     if best is not recipe_c:
         iv = margin(objective, best.scores, recipe_c.scores, base_scores["search"], expert_scores["search"],
@@ -225,7 +200,7 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> T
     )
     if interrupted:
         plan.notes.append(f"tune: interrupted after {len(candidates) - 1} candidate(s); the best so far was kept")
-    return TuneResult(plan, candidates, best, recipe_c, test, interrupted)
+    return plan
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -234,69 +209,72 @@ def _guided(recipe, dims: list) -> bool:
 
 
 def _guide_variants(recipe, dims: list) -> list:
-    """Guide option sets whose union covers every candidate: the recipe's own, and one per
-    choice of each categorical guide dimension (ranges over guide options change only the
-    decision math, which the same statistics serve)."""
-    from mergeplan.guides import parse_guides
+    """Guide option sets whose union covers every candidate: the recipe's own and every
+    combination of the finite guide dimensions. A continuous range over an option that
+    changes what calibration measures (lewis.wanda_sparsity) cannot be covered by one
+    calibration: refused, with what to write instead."""
+    from mergeplan.calibrate.request import MEASURED_OPTIONS
+    from mergeplan.tune.space import grid, values
 
-    out = [parse_guides(recipe.guides)]
-    for d in dims:
-        if d.path.startswith("guides.") and d.kind == "categorical":
-            for v in d.choices:
-                out.append(parse_guides(recipe.with_assignment({d.path: v}).guides))
+    gdims = [d for d in dims if d.path.startswith("guides.")]
+    for d in gdims:
+        if values(d) is None and tuple(d.path.split(".")[1:]) in MEASURED_OPTIONS:
+            raise MergeplanError(
+                f"tune.space.{d.path} changes what calibration measures, and calibration runs once: "
+                "give a list of values or a {low, high, step} range"
+            )
+    finite = [d for d in gdims if values(d) is not None]
+    out = [recipe.guide_options]
+    if finite:
+        for a in grid(finite):
+            try:
+                out.append(recipe.with_assignment(a).guide_options)
+            except MergeplanError:
+                continue  # a combination no recipe can take fails as a candidate; nothing to measure
     return out
 
 
-def _device(name: str) -> torch.device:
-    from mergeplan.devices import pick_device
+def _drop_experts_without_gain(objective, data: HeldOutData, base_scores, expert_scores) -> None:
+    """A task whose expert is no better than the base on it has no gain to recover: its
+    ratio would divide by ~0 or flip sign. Left out of recovered_gain, and said."""
+    if objective.kind != "recovered_gain":
+        return
+    for task, e in expert_scores["search"].items():
+        if e is not None and not e.loss < base_scores["search"][task].loss:
+            for split in expert_scores.values():
+                split[task] = None
+            data.notes.append(f"tune: task {task}: its expert {data.experts[task]} is no better than the base "
+                              "on the held-out samples, so the task is left out of recovered_gain")
+    if not any(e is not None for e in expert_scores["search"].values()):
+        raise MergeplanError(
+            "tune.objective recovered_gain needs a task whose expert (the fine-tune named like the task) "
+            "beats the base on it; name held-out tasks after model ids, or use objective {loss: {task: weight}}"
+        )
 
-    return pick_device(name)
 
-
-def _score_plan(plan: Plan, sets, dev, threads: int) -> Scores:
-    from mergeplan.evaluate.run import score_plan
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        return score_plan(plan, sets, threads=threads, device=dev)
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _baselines(data: HeldOutData, dev, threads: int, say) -> tuple[dict[str, Scores], dict[str, dict]]:
+def _baselines(data: HeldOutData, dev, say) -> tuple[dict[str, Scores], dict[str, dict]]:
     """The base's and each task expert's scores on both splits, one model resident at a time."""
     from mergeplan.evaluate.run import _quiet_transformers, load_model_dir
     from mergeplan.evaluate.score import score_model
 
     _quiet_transformers()
-
     splits = {"search": data.search, **({"test": data.test} if data.test else {})}
     base: dict[str, Scores] = {}
     experts: dict[str, dict[str, SampleScores | None]] = {k: {t: None for t in v} for k, v in splits.items()}
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        for mid, path in [(data.base_id, data.base_path), *data.expert_paths.items()]:
-            t = time.perf_counter()
-            model = load_model_dir(Path(path), dev)
-            for split, sets in splits.items():
-                s = score_model(model, sets, dev)
-                if mid == data.base_id:
-                    base[split] = s
-                for task, expert in data.experts.items():
-                    if expert == mid:
-                        experts[split][task] = s[task]
-            del model
-            gc.collect()
-            say(f"tune: scored {mid} on the held-out data ({time.perf_counter() - t:.1f} s)")
-    finally:
-        torch.set_num_threads(prev)
+    for mid, path in [(data.base_id, data.base_path), *data.expert_paths.items()]:
+        t = time.perf_counter()
+        model = load_model_dir(Path(path), dev)
+        for split, sets in splits.items():
+            s = score_model(model, sets, dev)
+            if mid == data.base_id:
+                base[split] = s
+            for task, expert in data.experts.items():
+                if expert == mid:
+                    experts[split][task] = s[task]
+        del model
+        gc.collect()
+        say(f"tune: scored {mid} on the held-out data ({time.perf_counter() - t:.1f} s)")
     return base, experts
-
-
-def _task_summary(scores: Scores) -> dict[str, dict[str, float]]:
-    return {t: {"loss": round(s.loss, 6), "accuracy": round(s.accuracy, 6)} for t, s in scores.items()}
 
 
 def _show(assignment: dict[str, Any]) -> str:

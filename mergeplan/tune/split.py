@@ -46,32 +46,21 @@ class HeldOutData:
         }
 
 
-def _calib(recipe):
-    from mergeplan.calibrate.settings import parse_calibration
-
-    if not recipe.calibration:
-        return None
-    return parse_calibration(recipe.calibration, recipe_dir(recipe))
-
-
-def recipe_dir(recipe) -> Path:
-    return recipe.path.parent if recipe.path else Path.cwd()
-
-
-def load_heldout(recipe, heldout, stats=None, remap: dict[str, str] | None = None) -> HeldOutData:
+def load_heldout(recipe, heldout, objective, remap: dict[str, str] | None = None) -> HeldOutData:
     from mergeplan.calibrate.models import load_tokenizer
     from mergeplan.evaluate.data import load_eval_sets
+    from mergeplan.evaluate.run import _resolved
     from mergeplan.io.locate import resolve_model_path
 
-    root = recipe_dir(recipe)
+    root = recipe.dir
     remap = dict(remap or {})
     if recipe.base_model is None:
         raise MergeplanError("tune needs a base_model: its held-out scores are what a merge's gain is measured from")
     ids = [m.name for m in recipe.models if m.name != recipe.base_model.name]
     paths = {m.name: resolve_model_path(remap.get(m.name, m.ref), root)
              for m in [recipe.base_model, *recipe.models]}
-    calib = _calib(recipe)
-    calib_sources = {}
+    calib = recipe.calibration_settings
+    calib_sources: dict[str, str] = {}
     if calib is not None:
         calib_sources = {i: calib.data if isinstance(calib.data, str) else calib.data.get(i) for i in ids}
     if heldout.data is None:
@@ -85,14 +74,21 @@ def load_heldout(recipe, heldout, stats=None, remap: dict[str, str] | None = Non
         sources = {Path(heldout.data).stem: heldout.data}
     else:
         sources = dict(heldout.data)
+    if objective.kind == "loss" and not set(objective.weights) & set(sources):
+        raise MergeplanError(f"tune.objective.loss weighs {', '.join(objective.weights)}, but the held-out tasks "
+                             f"are {', '.join(sources)}: weigh at least one of them")
+    # Calibration read the first `samples` records of every source it names (the base's
+    # too): held-out samples of the same file, however its path is spelled, start after them.
+    calibrated = set()
+    if calib is not None:
+        for src in ([calib.data] if isinstance(calib.data, str) else calib.data.values()):
+            calibrated.add(_resolved(src, root) or src)
     seq_len = calib.seq_len if calib is not None else 512
     tok_dir = (root / calib.tokenizer) if calib is not None and calib.tokenizer else paths[recipe.base_model.name]
     tokenizer = load_tokenizer(tok_dir)
-    skip = {t: (calib.samples if calib is not None and src in calib_sources.values() else 0)
-            for t, src in sources.items()}
+    skip = {t: (calib.samples if (_resolved(src, root) or src) in calibrated else 0) for t, src in sources.items()}
     # heldout.test: samples in the test split (default: as many as the search split; 0: none)
-    n_test = getattr(heldout, "test", None)
-    n_test = heldout.samples if n_test is None else int(n_test)
+    n_test = heldout.samples if heldout.test is None else heldout.test
     search, test, notes = {}, {}, []
     for t, src in sources.items():
         search.update(load_eval_sets({t: src}, tokenizer, heldout.samples, seq_len, skip[t], root))

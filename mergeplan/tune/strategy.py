@@ -16,29 +16,27 @@ from mergeplan.tune.space import cast, grid, grid_size, random_draws, values
 
 
 class IterAsker:
-    """Grid or random: a local, deterministic sequence; `tell` records only."""
+    """Grid or random: a local, deterministic sequence of at most `budget` candidates."""
 
-    shared = False
-
-    def __init__(self, it: Iterator[dict[str, Any]]):
+    def __init__(self, it: Iterator[dict[str, Any]], budget: int | None):
         self._it = it
-        self._n = 0
+        self._left = budget
 
     def ask(self) -> tuple[Any, dict[str, Any]] | None:
+        if self._left is not None and self._left <= 0:
+            return None
         a = next(self._it, None)
         if a is None:
             return None
-        self._n += 1
-        return self._n, a
+        if self._left is not None:
+            self._left -= 1
+        return None, a
 
     def tell(self, handle: Any, value: float | None, attrs: dict[str, Any]) -> None:
         pass
 
     def fail(self, handle: Any) -> None:
         pass
-
-    def done(self) -> int:
-        return self._n
 
 
 def _optuna():
@@ -57,8 +55,6 @@ class StudyAsker:
     """An Optuna study, local (in memory) or shared through `storage` (sqlite:///x.db on one
     machine; postgresql://... across machines). With a shared study the candidate budget
     counts every worker's trials, so N workers together evaluate about `budget` candidates."""
-
-    shared = True
 
     def __init__(self, dims: list, strategy: str, seed: int, direction: str,
                  storage: str | None, study: str | None, budget: int | None):
@@ -104,8 +100,9 @@ class StudyAsker:
         return dist.FloatDistribution(float(d.low), float(d.high), log=d.log)
 
     def _counted(self) -> int:
-        states = (self._optuna.trial.TrialState.COMPLETE, self._optuna.trial.TrialState.RUNNING)
-        return len(self.study.get_trials(deepcopy=False, states=states))
+        # Failed candidates spend the budget too, or a space where they fail never ends.
+        ts = self._optuna.trial.TrialState
+        return len(self.study.get_trials(deepcopy=False, states=(ts.COMPLETE, ts.RUNNING, ts.FAIL)))
 
     def ask(self) -> tuple[Any, dict[str, Any]] | None:
         if self.budget is not None and self._counted() >= self.budget:
@@ -132,8 +129,8 @@ class StudyAsker:
         """Every worker's completed trials: assignment, value and the attrs each worker set."""
         out = []
         for t in self.study.get_trials(deepcopy=False, states=(self._optuna.trial.TrialState.COMPLETE,)):
-            out.append({"number": t.number, "assignment": dict(t.params), "value": t.value,
-                        "attrs": dict(t.user_attrs)})
+            params = {d.path: cast(d, t.params[d.path]) for d in self.dims if d.path in t.params}
+            out.append({"number": t.number, "assignment": params, "value": t.value, "attrs": dict(t.user_attrs)})
         return out
 
 
@@ -142,11 +139,7 @@ def make_asker(dims: list, strategy: str, seed: int, direction: str, storage: st
     if strategy == "tpe" or storage:
         return StudyAsker(dims, strategy, seed, direction, storage, study or "mergeplan", budget)
     if strategy == "grid":
-        return IterAsker(grid(dims))
+        return IterAsker(grid(dims), budget)
     if strategy == "random":
-        return IterAsker(random_draws(dims, seed))
+        return IterAsker(random_draws(dims, seed), budget)
     raise MergeplanError(f"tune.strategy {strategy!r}: use grid, random or tpe")
-
-
-def deadline(seconds: float | None) -> float | None:
-    return None if seconds is None else time.monotonic() + seconds

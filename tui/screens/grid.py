@@ -281,7 +281,7 @@ class GridScreen(Screen):
         if not text:
             return
         key = text.strip().lower().lstrip("l")
-        row = int(key) if key.isdigit() else {"emb": ROW_EMBED, "head": ROW_HEAD}.get(text.strip().lower())
+        row = int(key) if key.isdecimal() else {"emb": ROW_EMBED, "head": ROW_HEAD}.get(text.strip().lower())
         if row not in self.gm.rows:
             tell(self, f"no layer {text!r} in this plan", severity="warning", timeout=4)
             return

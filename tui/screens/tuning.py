@@ -17,10 +17,10 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from mergeplan.tune.report import bar, candidate_rows, verdict_lines
+from mergeplan.tune.report import bar, candidate_rows, short_names, verdict_lines
 
 from ..keys import COMMON
-from ..richtext import tell, text
+from ..richtext import fit, tell, text
 from ..session import Session
 from .dialogs import ConfirmScreen
 
@@ -55,11 +55,12 @@ class TuningScreen(Screen):
         table.add_column("#", key="id", width=4)
         table.add_column("score", key="score", width=7)
         for t in tasks:
-            table.add_column(text(t[:8]), key=f"task:{t}", width=8)
+            table.add_column(text(fit(t, 8)), key=f"task:{t}", width=8)
         table.add_column("values", key="values")
+        labels = short_names(list(dict.fromkeys(k for r in self.rows for k in r.assignment)))
         for r in self.rows:
             score = "failed" if r.score is None else f"{r.score:.4f}"
-            values = " ".join(f"{_label(k)}={_short(v)}" for k, v in r.assignment.items()) or "(recipe as written)"
+            values = " ".join(f"{labels[k]}={_short(v)}" for k, v in r.assignment.items()) or "(recipe as written)"
             table.add_row(("●" if r.chosen else " ") + str(r.id), score,
                           *[bar(r.gains.get(t)) for t in tasks], text(values), key=str(r.id))
         table.focus()
@@ -93,7 +94,6 @@ class TuningScreen(Screen):
 
     @work(thread=True, exclusive=True, group="pick")
     def pick(self, cid: int, out: Path) -> None:
-        from mergeplan.errors import MergeplanError
         from mergeplan.plan.codec import write_plan
         from mergeplan.tune.pick import pick
 
@@ -101,16 +101,11 @@ class TuningScreen(Screen):
         try:
             plan = pick(self.session.plan, cid, plan_path=self.session.editor.path)
             write_plan(plan, out)
-        except MergeplanError as e:
+        except Exception as e:  # a toast, never the end of the review (unsaved edits stay)
             self.app.call_from_thread(tell, self, f"pick failed: {e}", severity="error", timeout=10)
             return
         self.app.call_from_thread(tell, self, f"wrote {out} (candidate #{cid}); review it with "
                                               f"`mergeplan review {out}`", timeout=10)
-
-
-def _label(path: str) -> str:
-    """`guides.aim.omega` -> omega, `merge_method` -> method: the column is narrow."""
-    return "method" if path == "merge_method" else path.split(".")[-1]
 
 
 def _short(v) -> str:
