@@ -36,7 +36,7 @@ from .plan.codec import plan_digest
 from .plan.model import Plan
 from .plan.view import model_search_dirs
 from .provenance import model_card, provenance, provenance_json
-from .validate import check_against_inputs, check_plan
+from .validate import aux_records, check_against_inputs, check_plan
 
 Progress = Callable[[int, int, int], None]  # (tensors done, total tensors, input bytes read)
 
@@ -162,13 +162,8 @@ def _write(plan: Plan, out: Path, dirs: dict[str, ModelDir], opts: ApplyOptions)
             w.close()
         write_index(tmp, layouts)
         source = plan.aux_source
-        recorded = source.file_records()
-        legacy = not dirs[source.id].verifies_content  # a plan from before copied files were fingerprinted
-        for f in plan.aux_files:
-            if f not in recorded and not legacy:
-                raise MergeplanError(f"the plan copies {f!r} from model {source.id} but records no digest for it; "
-                                     "the plan is corrupt or hostile: re-plan")
-            dirs[source.id].copy_aux(f, tmp / f, recorded.get(f), mode)
+        for f, record in aux_records(plan, dirs[source.id]):
+            dirs[source.id].copy_aux(f, tmp / f, record, mode)
         prov = provenance(plan, plan_digest(plan))
         _write_new(tmp / "README.md", model_card(plan, prov), mode)
         _write_new(tmp / "mergeplan.json", provenance_json(prov), mode)

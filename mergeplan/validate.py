@@ -129,9 +129,8 @@ def check_inputs(plan: Plan, remap: dict[str, str], full: bool = False, plan_pat
         check_against_inputs(plan, dirs)
         source = plan.aux_source
         if source is not None:
-            recorded = source.file_records()
-            for f in plan.aux_files:
-                dirs[source.id].check_aux(f, recorded.get(f))
+            for f, record in aux_records(plan, dirs[source.id]):
+                dirs[source.id].check_aux(f, record)
     finally:
         for md in dirs.values():
             md.close()
@@ -177,3 +176,18 @@ def check_against_inputs(plan: Plan, dirs: dict) -> None:
             if t.op == OP_MERGE and not (src.is_floating_point and out_dtype.is_floating_point):
                 raise PlanFormatError(f"{t.name}: the plan merges a {info.dtype} tensor into {t.dtype}; only floating "
                                       "point tensors are merged")
+
+
+def aux_records(plan: Plan, source_dir) -> list[tuple[str, dict | None]]:
+    """(file, recorded {file, size, sha256}) for each file the plan copies from its aux
+    source. A v2 plan records every one: a file without a record is refused here, for
+    validate --inputs and apply alike (None only for a v1 plan, which records none)."""
+    recorded = plan.aux_source.file_records()
+    legacy = not source_dir.verifies_content  # a plan from before copied files were fingerprinted
+    out = []
+    for f in plan.aux_files:
+        if f not in recorded and not legacy:
+            raise MergeplanError(f"the plan copies {f!r} from model {plan.aux_source.id} but records no digest "
+                                 "for it; the plan is corrupt or hostile: re-plan")
+        out.append((f, recorded.get(f)))
+    return out

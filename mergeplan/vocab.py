@@ -41,7 +41,9 @@ def grown_tensors(names: Sequence[str], shapes: Mapping[str, Mapping[str, tuple[
     (embeddings, head). shapes: model -> tensor -> shape."""
     out = []
     for n in names:
-        seen = {tuple(s[n]) for s in shapes.values() if n in s}
+        if any(n not in s for s in shapes.values()):
+            continue  # missing in a model: the planner's tensor-table check names it
+        seen = {tuple(s[n]) for s in shapes.values()}
         if len(seen) > 1 and len({x[1:] for x in seen}) == 1 and len(next(iter(seen))) >= 1 \
                 and arch.component_of(n) in _ROW_COMPONENTS:
             out.append(n)

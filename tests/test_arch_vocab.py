@@ -230,3 +230,23 @@ def test_forged_vocabulary_records_are_refused(fam, tmp_path, capsys, mutate):
     needles = {"rows": ["model base", "the plan says"], "aux_model": ["aux_model"]}.get(mutate, ["params.vocab"])
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "out").exists()
+
+
+def test_grown_rows_in_only_some_models_leave_the_missing_tensor_to_the_table_check():
+    """A model without a tensor the others grew is not a vocabulary question: the planner's
+    tensor-table check names what is missing (before, plan_rows raised KeyError)."""
+    from mergeplan.vocab import grown_tensors
+
+    shapes = {"base": {"model.embed_tokens.weight": (8, 4), "lm_head.weight": (8, 4)},
+              "chat": {"model.embed_tokens.weight": (16, 4)},
+              "code": {"model.embed_tokens.weight": (16, 4), "lm_head.weight": (16, 4)}}
+    assert grown_tensors(["model.embed_tokens.weight", "lm_head.weight"], shapes) == ["model.embed_tokens.weight"]
+
+
+def test_a_config_that_is_not_a_mapping_is_no_config(tmp_path):
+    from mergeplan.calibrate.models import base_vocab_size, check_vocabulary
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert base_vocab_size(tmp_path) is None
+    (tmp_path / "config.json").write_text('{"vocab_size": "many"}')
+    check_vocabulary("m", tmp_path, 8, {})  # a non-integer size is not compared (transformers refuses it)

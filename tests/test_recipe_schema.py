@@ -194,3 +194,23 @@ BOMB = "".join(
 )
 def test_recursive_exploding_and_deep_yaml_is_refused_in_one_line(text, needle):
     assert error_of(text).startswith(needle)
+
+
+BASE = "merge_method: ties\nbase_model: ./b\nmodels:\n  - {model: ./m, parameters: {weight: 1.0, density: 0.5}}\n"
+
+
+HELD = "  heldout: {data: {m: m.txt}}\n"
+
+
+@pytest.mark.parametrize("tail, needle", [
+    ("parameters: {max_shard_size: " + "9" * 400 + "GB}\n", "positive byte count"),
+    ("parameters: {max_shard_size: " + "9" * 30 + "}\n", "positive byte count"),
+    ("tune:\n  time: " + "9" * 400 + "s\n" + HELD + "  space: {models.m.weight: [0.5]}\n", "positive duration"),
+    ("tune:\n  strategy: grid\n" + HELD + "  space: {models.m.weight: {low: 0.1, high: 1.0, step: 1.0e-9}}\n",
+     "use a larger step"),
+])
+def test_numbers_too_big_to_use_are_one_line_errors(tail, needle):
+    """Sizes beyond the plan's 64-bit field, an infinite time budget and a grid of a billion
+    points are refused where they are written, not later as a traceback or an endless run."""
+    msg = error_of(BASE + tail)
+    assert needle in msg and "\n" not in msg

@@ -136,14 +136,26 @@ def test_a_top_level_value_every_model_overrides_is_not_searchable():
     parse_recipe(tuned("    parameters.density: [0.2, 0.4]\n"))  # code falls back to the top level
 
 
-def test_tpe_and_shared_studies_need_optuna(monkeypatch):
-    import importlib.util
+def test_tpe_and_shared_studies_need_optuna_only_to_search(monkeypatch):
+    """A tuned recipe loads without Optuna (`--no-tune`, `pick`); the search says what to
+    install before it calibrates anything."""
+    import builtins
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
-    msg = error_of(tuned("    guides.aim.omega: [0.2]\n", strategy="tpe"))
-    assert msg.startswith("r.yaml:13: tune: strategy tpe needs Optuna: pip install 'mergeplan[tune]'")
-    parse_recipe(tuned("    guides.aim.omega: [0.2]\n", strategy="random"))
+    from mergeplan.errors import MergeplanError
+    from mergeplan.tune.strategy import require_optuna
+
+    real = builtins.__import__
+
+    def no_optuna(name, *a, **k):
+        if name == "optuna" or name.startswith("optuna."):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    r = parse_recipe(tuned("    guides.aim.omega: [0.2]\n", strategy="tpe"), "r.yaml")
+    with pytest.raises(MergeplanError, match=r"need Optuna: pip install 'mergeplan\[tune\]'"):
+        require_optuna(r.tune)
+    require_optuna(parse_recipe(tuned("    guides.aim.omega: [0.2]\n", strategy="random")).tune)
 
 
 # ------------------------------------------------------------------ candidate recipes

@@ -144,6 +144,21 @@ def test_changed_copied_file_is_caught(fam, tmp_path, capsys):
     assert_one_line_error(code, err, "config.json")
 
 
+def test_a_copied_file_without_a_recorded_digest_is_refused_by_apply_and_validate(fam, tmp_path, capsys):
+    """A re-signed plan that drops a copied file's record: apply and validate --inputs
+    refuse it alike (one rule, validate.aux_records)."""
+    def drop(p):
+        m = p.aux_source
+        m.fingerprint["files"] = [f for f in m.fingerprint["files"] if f["file"] != "config.json"]
+
+    plan = resign(make_plan(capsys, tmp_path, fam), drop)
+    code, _, err = run_cli(capsys, "apply", plan, tmp_path / "out", "-q")
+    assert_one_line_error(code, err, "config.json", "records no digest")
+    nothing_written(tmp_path, tmp_path / "out")
+    code, _, err = run_cli(capsys, "validate", plan, "--inputs")
+    assert_one_line_error(code, err, "config.json", "records no digest")
+
+
 # ---- apply runs the plan checks first -------------------------------------------------------
 
 

@@ -34,9 +34,10 @@ def compute_dtype(choice: str, device: torch.device, path: Path) -> torch.dtype:
 
 def _config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(path) / "config.json").read_text())
+        cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}  # a list or a number is no config: transformers says so
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -61,7 +62,7 @@ def check_vocabulary(model_id: str, path: Path, base_vocab_size: int | None, bas
     fine-tune that added chat tokens; its extra rows are never fed, and its logits are compared
     with the others' on the base's ids)."""
     size = _config(path).get("vocab_size")
-    if base_vocab_size is not None and size is not None and size < base_vocab_size:
+    if isinstance(base_vocab_size, int) and isinstance(size, int) and size < base_vocab_size:
         raise MergeplanError(
             f"fine-tune {model_id!r} has a smaller vocabulary (vocab_size {size} vs the base's "
             f"{base_vocab_size}); calibration feeds every model the base tokenizer's ids, so merge only "

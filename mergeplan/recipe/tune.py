@@ -10,7 +10,6 @@ parameter, model or guide option, and every value it can take passes the recipe 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -43,6 +42,9 @@ STRATEGIES = ("grid", "random", "tpe")
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
+MAX_GRID_POINTS = 10_000  # points of one stepped range
+
+
 def parse_duration(v: Any) -> float:
     """Seconds from ``90``, ``"90s"``, ``"5m"``, ``"1h30m"``."""
     if isinstance(v, bool):
@@ -54,7 +56,7 @@ def parse_duration(v: Any) -> float:
     if not isinstance(v, str) or not re.fullmatch(r"\s*(\d+(\.\d+)?\s*[smh]\s*)+", v):
         raise ValueError(v)
     total = sum(float(n) * _UNITS[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)\s*([smh])", v))
-    if total <= 0:
+    if not math.isfinite(total) or total <= 0:
         raise ValueError(v)
     return total
 
@@ -166,6 +168,10 @@ class Range(Section):
             raise issue("{here}: give step or log: true, not both", "log")
         if self.log and self.low <= 0:
             raise issue(f"{{here}}: a log range needs low above 0, got {self.low:g}", "low")
+        if self.step is not None and (self.high - self.low) / self.step > MAX_GRID_POINTS:
+            # Each point is a merge to score; a tiny step would also build the grid in memory.
+            raise issue(f"{{full}} makes more than {MAX_GRID_POINTS} points between low and high; "
+                        "use a larger step", "step")
         return self
 
     def grid(self) -> tuple[float, ...] | None:
@@ -250,13 +256,6 @@ class TuneSpec(Section):
                 f"{{full}} must be a database URL such as sqlite:///study.db or "
                 f"postgresql://user@host/db, got {self.storage!r}",
                 "storage",
-            )
-        needs_optuna = self.strategy == "tpe" or self.storage is not None
-        if needs_optuna and importlib.util.find_spec("optuna") is None:
-            what = "strategy tpe" if self.strategy == "tpe" else "a shared study (storage)"
-            raise issue(
-                f"{{here}}: {what} needs Optuna: pip install 'mergeplan[tune]', or use strategy random or grid",
-                "strategy" if self.strategy == "tpe" else "storage",
             )
         if self.strategy == "grid":
             for path, dim in self.space.items():

@@ -221,12 +221,13 @@ def coerce_leaf(name: str, v: Any) -> Any:
 
 
 def byte_size(v: Any) -> int:
-    if type(v) is int and v > 0:
+    if type(v) is int and 0 < v < 2**63:
         return v
     if isinstance(v, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", v)
         if m and m.group(2).lower() in SIZE_UNITS:
-            n = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
-            if n > 0:
-                return n
+            x = float(m.group(1)) * SIZE_UNITS[m.group(2).lower()]
+            # 2**63 - 1: the plan stores it as a signed 64-bit integer; '9999...9GB' is inf
+            if math.isfinite(x) and 0 < x < 2**63:
+                return int(x)
     raise LeafError(f"{{ctx}} must be a positive byte count such as 5000000000, '5GB' or '4GiB', not {v!r}")

@@ -31,7 +31,7 @@ from mergeplan.plan.model import Plan
 from mergeplan.tune.objective import Objective, margin, within_noise
 from mergeplan.tune.record import task_summary, tuning_record
 from mergeplan.tune.split import HeldOutData, load_heldout
-from mergeplan.tune.strategy import make_asker
+from mergeplan.tune.strategy import make_asker, require_optuna
 
 Scores = dict[str, SampleScores]
 
@@ -86,6 +86,7 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> P
     from mergeplan.planner import build_plan, calibrate_recipe
 
     spec = recipe.tune
+    require_optuna(spec)
     dims = spec.dimensions()
     objective = objective_of(spec)
     # Every candidate is planned as `mergeplan plan` would (--full-hash, remaps and budget

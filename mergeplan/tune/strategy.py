@@ -39,6 +39,13 @@ class IterAsker:
         pass
 
 
+def require_optuna(spec) -> None:
+    """Before any calibration: TPE or a shared study needs Optuna. Checked when a search
+    starts, not when a recipe loads, so `--no-tune` and `pick` work without it."""
+    if spec.strategy == "tpe" or spec.storage:
+        _optuna()
+
+
 def _optuna():
     try:
         import optuna
