@@ -73,7 +73,6 @@ class ActivationCollector:
         self._misaligned: set[str] = set()
         self._mask: torch.Tensor | None = None
         self._mask2d: torch.Tensor | None = None
-        self._experts_seen: set[str] = set()
         self._valid = 0
         self._w: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}

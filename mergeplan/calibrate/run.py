@@ -134,10 +134,6 @@ def calibrate(
     return stats
 
 
-def _weights_of(model: torch.nn.Module, sites: dict[str, Site]) -> dict[str, torch.nn.Module]:
-    return site_modules(model, sites)
-
-
 class _Passes:
     def __init__(self, stats: CalibStats, sets: dict[str, CalibSet], aim_srcs: list[str], dev: torch.device):
         self.stats = stats
@@ -200,7 +196,7 @@ class _Passes:
                 kinds = tuple(k for k, on in (("abs", src in aim_srcs), ("sq", src in lewis_srcs and plain)) if on)
                 if not kinds:
                     continue
-                mods = _weights_of(model, sites if "abs" in kinds else self.lin)
+                mods = site_modules(model, sites if "abs" in kinds else self.lin)
                 batches = self._batches(src)
                 with self._task(f"{base.id} (base) · {self.sets[src].key}", len(batches)) as adv:
                     got = activation_pass(model, mods, kinds, batches, dev, base.id, adv)
@@ -261,7 +257,7 @@ class _Passes:
             if r.ft_act:
                 batches = self._batches(own)
                 with self._task(f"{m.id} · {self.sets[own].key}", len(batches)) as adv:
-                    got = activation_pass(model, _weights_of(model, self.lin), ("sq",), batches, dev, m.id, adv)
+                    got = activation_pass(model, site_modules(model, self.lin), ("sq",), batches, dev, m.id, adv)
                 got.col_sq = col_sq
                 st.finetune[("act", m.id)] = got
             for k, sparsity in enumerate(sorted(r.ft_wanda)):
@@ -284,7 +280,7 @@ class _Passes:
                 book = self.books[per_sample] = LogitBook(st.ids, st.per_model, self.sets, st.vocab_size)
         sinks = {d: book.sink(m.id, d) for d in book.datasets_for(m.id)} if book else {}
         own_sink = sinks[own][0] if own in sinks else None
-        lin = _weights_of(model, self.lin) if per_sample in r.sens_sq else None
+        lin = site_modules(model, self.lin) if per_sample in r.sens_sq else None
         batches = self._batches(own, 1 if per_sample else None)
         with self._task(f"{m.id} · gradients · {self.sets[own].key}", len(batches)) as adv:
             S, got = sensitivity_pass(model, batches, dev, m.id, lin, ("sq",), own_sink, adv)

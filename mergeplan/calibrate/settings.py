@@ -13,23 +13,9 @@ from pydantic import ValidationError
 
 from mergeplan.errors import MergeplanError
 from mergeplan.recipe.errors import to_mergeplan_error
-from mergeplan.recipe.sections import (
-    CALIBRATION_DEFAULTS as DEFAULTS,
-    CALIBRATION_DTYPES as DTYPES,
-    MISSING_DATA,
-    NO_CALIBRATION,
-    CalibrationSettings,
-)
-from mergeplan.recipe.vocab import suggest
+from mergeplan.recipe.sections import MISSING_DATA, NO_CALIBRATION, CalibrationSettings
 
-__all__ = ["CalibrationSettings", "DEFAULTS", "DTYPES", "KEYS", "parse_calibration", "unknown_key_error"]
-
-KEYS = CalibrationSettings.input_keys()
-
-
-def unknown_key_error(section: str, key: Any, known: tuple[str, ...] | list[str]) -> MergeplanError:
-    """The schema's wording for an unknown key, for callers that check keys themselves."""
-    return MergeplanError(f"unknown key '{key}' in {section}{suggest(key, known)}; allowed: {', '.join(known)}")
+__all__ = ["CalibrationSettings", "parse_calibration"]
 
 
 def parse_calibration(

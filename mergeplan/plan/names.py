@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from mergeplan import arch as _arch
 
 # Labels and their order live in mergeplan/arch.py (architecture knowledge in one place).
-COMPONENTS = _arch.COMPONENTS
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pydantic import BeforeValidator, Discriminator, Tag, model_validator
 
 from mergeplan.errors import MergeplanError
 from mergeplan.recipe.errors import issue, key_path
-from mergeplan.recipe.fields import Section, Text, integer, number
+from mergeplan.recipe.fields import Section, Text, integer
 from mergeplan.recipe.vocab import KINDS, METHOD_NAMES, rules, suggest, type_name
 from mergeplan.yamlpos import where
 
