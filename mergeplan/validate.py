@@ -11,6 +11,7 @@ from .errors import InputMismatchError, MergeplanError, PlanFormatError
 from .methods.spec import FLOAT_DTYPE_NAMES, check_spec
 from .methods.registry import METHODS
 from .plan.model import OP_COPY, OP_MERGE, ROLE_BASE, ROLE_TASK, Plan, TensorPlan
+from .plan.rows import record_problem, stored_shape
 
 
 def check_plan(plan: Plan) -> list[str]:
@@ -42,10 +43,14 @@ def check_plan(plan: Plan) -> list[str]:
         if t.op == OP_COPY:
             if t.source not in ids:
                 problems.append(f"{t.name}: copies from unknown model {t.source!r}")
+            if "vocab" in t.params:
+                problems.append(f"{t.name}: a copied tensor has a vocabulary rule (params.vocab); only merged ones do")
         elif t.op != OP_MERGE:
             problems.append(f"{t.name}: unknown operation {t.op!r}")
         else:
             problems += _merge_problems(t, ids, spec)
+            if "vocab" in t.params and (problem := record_problem(t.shape, t.params["vocab"], plan.input_models(t))):
+                problems.append(f"{t.name}: {problem}")
     return problems
 
 
@@ -157,16 +162,14 @@ def check_against_inputs(plan: Plan, dirs: dict) -> None:
         except Exception:
             raise PlanFormatError(f"{t.name}: output dtype {t.dtype!r} is not one mergeplan writes; the plan is corrupt") from None
         rows = t.params.get("vocab") if t.op == OP_MERGE else None
-        if rows is not None:
-            from . import vocab  # imports torch: only for plans with a grown vocabulary
-
-            vocab.check_record(t.name, t.shape, rows, plan.input_models(t))
+        if rows is not None and (problem := record_problem(t.shape, rows, plan.input_models(t))):
+            raise PlanFormatError(f"{t.name}: {problem}; the plan is corrupt or hostile: re-plan")
         for mid in plan.input_models(t):
             md = dirs[mid]
             if t.name not in md:
                 raise InputMismatchError(f"model {mid} ({md.path}): tensor {t.name} is missing; the inputs do not match the plan")
             info = md.info(t.name)
-            want = vocab.stored_shape(t.shape, rows, mid) if rows is not None else tuple(t.shape)
+            want = stored_shape(t.shape, rows, mid) if rows is not None else tuple(t.shape)
             if tuple(info.shape) != want:
                 raise InputMismatchError(f"model {mid}: tensor {t.name} is {list(info.shape)} but the plan says "
                                          f"{list(want)}; the inputs do not match the plan")

@@ -31,8 +31,8 @@ import torch
 
 from . import arch
 from .errors import MergeplanError, PlanFormatError
+from .plan.rows import record_problem
 
-SOURCES = ("base", "union")
 _ROW_COMPONENTS = ("embed", "lm_head")
 
 
@@ -127,21 +127,10 @@ def plan_rows(source: str | None, ref_id: str, dirs: Mapping[str, Any], names: S
 
 
 def check_record(name: str, shape: Sequence[int], rec: Any, models: Sequence[str]) -> None:
-    """A plan's params["vocab"] for one tensor, checked before apply trusts it."""
-    ok = (isinstance(rec, dict) and rec.get("source") in SOURCES and isinstance(rec.get("rows"), dict)
-          and set(rec["rows"]) == set(models) and len(shape) >= 1
-          and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**40 for v in rec["rows"].values()))
-    if ok:
-        out = int(shape[0])
-        rows = rec["rows"].values()
-        ok = (out == max(rows)) if rec["source"] == "union" else all(r >= out for r in rows)
-    if not ok:
-        raise PlanFormatError(f"{name}: params.vocab is not a vocabulary rule this mergeplan wrote "
-                              "(source, rows per input model); the plan is corrupt or hostile: re-plan")
-
-
-def stored_shape(shape: Sequence[int], rec: Mapping[str, Any], model: str) -> tuple[int, ...]:
-    return (int(rec["rows"][model]), *map(int, shape[1:]))
+    """A plan's params["vocab"] for one tensor, checked before apply trusts it (plan/rows.py)."""
+    problem = record_problem(shape, rec, models)
+    if problem:
+        raise PlanFormatError(f"{name}: {problem}; the plan is corrupt or hostile: re-plan")
 
 
 # ---- default rows and row views -------------------------------------------------------

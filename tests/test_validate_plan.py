@@ -68,3 +68,22 @@ def test_every_problem_is_listed_not_just_the_first():
     problems = check_plan(decode_plan(encode_plan(p)))
     assert sum("unknown model" in pr for pr in problems) == 3000
     assert sum("not finite" in pr for pr in problems) == 3000
+
+
+def test_vocabulary_records_are_checked_without_inputs():
+    """`validate` (no inputs, no torch) already refuses a forged params.vocab and a
+    vocabulary rule on a copied tensor (plan/rows.py)."""
+    p = make_full_plan()
+    t = next(t for t in p.tensors if t.op == "merge")
+    models = p.input_models(t)
+    t.params["vocab"] = {"source": "union", "rows": {m: t.shape[0] for m in models}}
+    assert check_plan(p) == []
+    t.params["vocab"] = {"source": "union", "rows": {m: t.shape[0] + 1 for m in models}}  # none stores the output's rows
+    assert any("params.vocab" in x for x in check_plan(p))
+    t.params["vocab"] = {"source": "base", "rows": {models[0]: True}}
+    assert any("params.vocab" in x for x in check_plan(p))
+    t.params.pop("vocab")
+    copy = next((x for x in p.tensors if x.op == "copy"), None)
+    if copy is not None:
+        copy.params["vocab"] = {"source": "base", "rows": {}}
+        assert any("copied tensor has a vocabulary rule" in x for x in check_plan(p))

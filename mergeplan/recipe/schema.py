@@ -31,10 +31,11 @@ from mergeplan.recipe.vocab import (
     suggest,
     type_name,
 )
+from mergeplan.plan.rows import SOURCES
 
 __all__ = ["ModelEntry", "ModelReference", "RecipeSchema", "Setting", "TOKENIZER_SOURCES"]
 
-TOKENIZER_SOURCES = ("base", "union")
+TOKENIZER_SOURCES = SOURCES  # the vocabulary rules a plan can record (plan/rows.py)
 
 
 # ----------------------------------------------------------------------------- models
