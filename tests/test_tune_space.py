@@ -158,3 +158,37 @@ guides:
     assert not Request.of(rec.guide_options).covers(Request.of(rec.with_assignment({sparsity.path: 0.3}).guide_options))
     with pytest.raises(MergeplanError, match="changes what calibration measures"):
         _guide_variants(rec, [gamma, Dimension("guides.lewis.wanda_sparsity", "float", low=0.3, high=0.5)])
+
+
+@pytest.mark.parametrize("race", [
+    "(sqlite3.OperationalError) table studies already exists",
+    "(sqlite3.OperationalError) database is locked",
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: studies.study_name",
+])
+def test_workers_started_together_retry_the_study_creation_race(tmp_path, monkeypatch, race):
+    """Two workers creating one SQLite study at once: the loser's first attempt fails with
+    one of these (the first was seen in a CI-like run), and a retry must open the study."""
+    optuna = pytest.importorskip("optuna")
+    import sqlalchemy.exc
+
+    real, calls = optuna.create_study, []
+
+    def racing(**kw):
+        calls.append(kw["study_name"])
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception(race))
+        return real(**kw)
+
+    monkeypatch.setattr(optuna, "create_study", racing)
+    monkeypatch.setattr("mergeplan.tune.strategy.time.sleep", lambda s: None)
+    asker = make_asker(DIMS[:1], "random", 0, "maximize", storage=f"sqlite:///{tmp_path}/s.db", study="s", budget=1)
+    assert len(calls) == 2 and asker.ask() is not None
+
+
+def test_a_study_that_cannot_open_is_one_line_without_retries(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    calls = []
+    monkeypatch.setattr(optuna, "create_study", lambda **kw: calls.append(1) or (_ for _ in ()).throw(ValueError("bad url")))
+    with pytest.raises(Exception, match=r"tune.storage 'nope://x': cannot open the study \(ValueError: bad url\)"):
+        make_asker(DIMS[:1], "random", 0, "maximize", storage="nope://x", study="s", budget=1)
+    assert calls == [1]

@@ -58,6 +58,9 @@ def _optuna():
     return optuna
 
 
+_RACES = ("IntegrityError", "already exists", "database is locked")
+
+
 class StudyAsker:
     """An Optuna study, local (in memory) or shared through `storage` (sqlite:///x.db on one
     machine; postgresql://... across machines). With a shared study the candidate budget
@@ -80,7 +83,8 @@ class StudyAsker:
             sampler = optuna.samplers.GridSampler({d.path: list(values(d)) for d in dims}, seed=seed)
         self._dist = {d.path: self._distribution(d) for d in dims}
         # Workers started together race to create the database's tables and the study: the
-        # loser sees an integrity error and succeeds on a retry, once the tables exist.
+        # loser sees an integrity error, "table ... already exists" (SQLite, seen in CI-like
+        # runs) or a locked database, and succeeds on a retry once the tables exist.
         for attempt in range(5):
             try:
                 self.study = optuna.create_study(
@@ -89,7 +93,7 @@ class StudyAsker:
                 )
                 break
             except Exception as e:  # bad URL, unreachable database, a study made for the other direction
-                if attempt < 4 and "IntegrityError" in f"{type(e).__name__} {e}":
+                if attempt < 4 and any(r in f"{type(e).__name__} {e}" for r in _RACES):
                     time.sleep(0.2 * (attempt + 1))
                     continue
                 first = str(e).splitlines()[0] if str(e) else ""
