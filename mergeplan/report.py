@@ -202,11 +202,12 @@ def _pairs(items) -> str:
     return ", ".join(f"{markup(k)}={markup(_fmt(v))}" for k, v in items)
 
 
-# rich lays out a Table at about 0.1 ms per cell (benchmarks/diff_bench.py): nothing for a
-# real plan, but seconds for the tens of thousands of rows (or models, as columns) a
-# crafted 1 MB plan can make. Bigger tables print as aligned plain columns, a few
-# microseconds per cell.
-TABLE_CELLS = 4000
+# rich lays out a Table at about 0.1 ms per cell (benchmarks/diff_bench.py): 50 ms of `show`
+# for the per-layer tables of a 70B plan (80 layers), and seconds for the tens of
+# thousands of rows (or models, as columns) a crafted 1 MB plan can make. Bigger tables
+# print as aligned plain columns under the same title and header styles, a few microseconds
+# per cell.
+TABLE_CELLS = 200
 _PLAIN_WIDTH = 60  # widest column padded in plain layout; longer cells just push the rest right
 
 
@@ -220,7 +221,7 @@ def print_table(console: Console, table: Table, rows: list[list[Any]]) -> None:
         console.print(table)
         return
     if table.title:
-        console.print(Text(str(table.title), style="bold"))
+        console.print(Text(str(table.title), style="table.title"))
     heads = [clean(c.header.plain if isinstance(c.header, Text) else c.header) for c in table.columns]
     right = [c.justify == "right" for c in table.columns]
     widths = [min(_PLAIN_WIDTH, max([len(h)] + [len(r[i]) for r in cells])) for i, h in enumerate(heads)]
@@ -228,7 +229,8 @@ def print_table(console: Console, table: Table, rows: list[list[Any]]) -> None:
     def line(r: list[str]) -> str:
         return "  ".join(x.rjust(w) if rj else x.ljust(w) for x, w, rj in zip(r, widths, right)).rstrip()
 
-    console.out("\n".join([line(heads)] + [line(r) for r in cells]), highlight=False)
+    console.print(Text(line(heads), style="table.header"))
+    console.out("\n".join(line(r) for r in cells), highlight=False)
 
 
 def _print_sens(console: Console, plan: Plan) -> None:
@@ -236,6 +238,8 @@ def _print_sens(console: Console, plan: Plan) -> None:
     if not sens or "sigma" not in sens:
         return
     groups = list(sens.get("groups", []))
+    if not groups:
+        return
     t = Table(title="Sens K*sigma", title_justify="left")
     t.add_column("group")
     sigma = {m: np.asarray(v).ravel() for m, v in sens["sigma"].items()}

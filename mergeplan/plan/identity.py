@@ -20,10 +20,7 @@ edit log (summarised in the model card) says it was edited.
 
 from __future__ import annotations
 
-import hashlib
-
-
-from .codec import canonical_bytes
+from . import canonical
 from .model import Plan
 
 
@@ -52,7 +49,7 @@ def decision_record(plan: Plan) -> dict:
 
 
 def decision_digest(plan: Plan) -> str:
-    return "sha256:" + hashlib.sha256(canonical_bytes(decision_record(plan))).hexdigest()
+    return "sha256:" + canonical.sha256(decision_record(plan))
 
 
 def edit_summary(plan: Plan) -> dict:
