@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .plan.codec import plan_digest
 from .plan.identity import decision_digest, edit_summary
-from .plan.diff import DiffRow, summarize
+from .plan.diff import DiffRow, is_mask_digest, summarize
 from .plan.model import OP_MERGE, Plan
 from .plan.names import parse_name
 from .plan import view
@@ -254,8 +254,8 @@ def _print_sens(console: Console, plan: Plan) -> None:
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
-    if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
-        return v[:12]  # a mask digest: the prefix is enough to tell them apart
+    if is_mask_digest(v):
+        return v[:12]
     return _fmt(v)
 
 

@@ -148,11 +148,21 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def number_span(nums: list[Any]) -> str:
+    """`lo..hi` of some numbers (one value when they agree): how a changed range is shown."""
+    lo, hi = min(nums), max(nums)
+    return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
+
+
+def is_mask_digest(v: Any) -> bool:
+    """A mask digest (32 hex characters): where a value is shown, a prefix tells two apart."""
+    return isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v)
+
+
 def _span(vals: list[Any]) -> str:
     nums = [v for v in vals if _is_num(v)]
     if nums and len(nums) == len(vals):
-        lo, hi = min(nums), max(nums)
-        return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
+        return number_span(nums)
     shown = list(dict.fromkeys(_text(v) for v in vals))
     text = shown[0] if len(shown) == 1 else f"{len(shown)} different"
     return text if len(text) <= 24 else text[:21] + "..."
@@ -161,8 +171,8 @@ def _span(vals: list[Any]) -> str:
 def _text(v: Any) -> str:
     if v is None:
         return "none"
-    if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
-        return v[:12]  # a mask digest: the prefix tells them apart
+    if is_mask_digest(v):
+        return v[:12]
     return str(v)
 
 

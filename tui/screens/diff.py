@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from mergeplan.errors import MergeplanError
 from mergeplan.plan.codec import read_plan
-from mergeplan.plan.diff import diff_plans, summarize as summarize_diff
+from mergeplan.plan.diff import diff_plans, is_mask_digest, summarize as summarize_diff
 from mergeplan.plan.names import parse_name
 
 from ..keys import COMMON
@@ -116,7 +116,7 @@ def _short_name(where: str) -> str:
 def _cell(v) -> str:
     if v is None:
         return "-"
-    if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
-        return v[:8]  # a mask digest: the prefix tells them apart
+    if is_mask_digest(v):
+        return v[:8]
     text = summarize(v)
     return text if len(text) <= 14 else text[:11] + "..."

@@ -18,6 +18,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from mergeplan.errors import MergeplanError
+from mergeplan.plan.diff import number_span
 from mergeplan.plan.edit import MODEL_FIELDS, PlanEditor, Target, validate_value
 from mergeplan.plan.names import parse_name
 
@@ -84,7 +85,7 @@ def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers:
             + (f" x {_n(nmodels, 'model')}" if per_model else ""))
     if left_out:
         what += f"; {_n(left_out, '1-D tensor')} left out"
-    now = _span(current)
+    now = number_span(current)
     v: float | None = None
     if action in ("set", "scale") and not value.strip():
         raise FormError(f"{field}: type the {'new value' if action == 'set' else 'factor'}", f"{what}; now {now}")
@@ -110,7 +111,7 @@ def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers:
                     raise MergeplanError(f"{e} at {t}" + (f" [{m}]" if m else "")) from None
         except MergeplanError as e:
             raise FormError(str(e), f"{what}; now {now}") from None
-        summary = f"{what}: {now} -> {_span([c * v for c in current])}"
+        summary = f"{what}: {now} -> {number_span([c * v for c in current])}"
     elif action == "reset":
         differ = sum(editor.planned(t, m, field) != c for (t, m), c in zip(targets, current))
         summary = f"{what}: {differ} differ from the plan as loaded and go back"
@@ -121,11 +122,6 @@ def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers:
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _span(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
 
 
 class EditScreen(ModalScreen["EditRequest | None"]):
