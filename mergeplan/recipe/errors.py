@@ -49,7 +49,7 @@ def _clean(loc: Sequence[Any]) -> Loc:
 _TAGS = frozenset({"ref-text", "ref-mapping", "space-choices", "space-range", "str", "int", "float", "bool", "dict[str,str]"})
 
 
-def _line(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
+def nearest_line(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
     """The line of ``loc``, or of its nearest ancestor the document has."""
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
@@ -92,7 +92,7 @@ def to_mergeplan_error(
         loc = prefix + _clean(err["loc"])
         at = tuple(err.get("ctx", {}).get("at", ())) if err["type"] == "recipe" else ()
         full = loc + at
-        line = _line(full, lines)
+        line = nearest_line(full, lines)
         found.append((line if line is not None else 0, i, _message(err, loc, full), line))
     _, _, msg, line = min(found)
     if not with_line:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from mergeplan.errors import MergeplanError
 from mergeplan.recipe.checks import check_recipe
-from mergeplan.recipe.errors import key_path, to_mergeplan_error
+from mergeplan.recipe.errors import key_path, nearest_line, to_mergeplan_error
 from mergeplan.recipe.model import ModelSpec, Recipe
 from mergeplan.recipe.resolve import Conditional, ParamValue
 from mergeplan.recipe.schema import RecipeSchema, Setting
@@ -81,11 +81,7 @@ class _Assembler:
         self.recipe_level: dict[str, Any] = {}
 
     def line(self, loc: Loc, value: bool = False) -> int | None:
-        table = self.values if value else self.keys
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in table:
-                return table[loc[:n]]
-        return None
+        return nearest_line(loc, self.values if value else self.keys)
 
     def fail(self, loc: Loc | int | None, msg: str, value: bool = False) -> MergeplanError:
         line = loc if isinstance(loc, int) or loc is None else self.line(loc, value)

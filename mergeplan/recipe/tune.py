@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 from pydantic import BeforeValidator, Discriminator, Tag, model_validator
 
 from mergeplan.errors import MergeplanError
-from mergeplan.recipe.errors import issue, key_path
+from mergeplan.recipe.errors import issue, key_path, nearest_line
 from mergeplan.recipe.fields import Section, Text, integer
 from mergeplan.recipe.vocab import KINDS, METHOD_NAMES, rules, suggest, type_name
 from mergeplan.yamlpos import where
@@ -419,8 +419,7 @@ def check_tune(recipe: Recipe, lines: dict[tuple[Any, ...], int]) -> None:
     assert spec is not None
 
     def fail(loc: tuple[Any, ...], msg: str) -> MergeplanError:
-        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-        return MergeplanError(f"{where(recipe.path, line)}: {msg}")
+        return MergeplanError(f"{where(recipe.path, nearest_line(loc, lines))}: {msg}")
 
     methods = (recipe.merge_method,)
     if "merge_method" in spec.space:
