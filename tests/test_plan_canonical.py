@@ -134,3 +134,46 @@ def test_a_big_body_reads_with_its_digest_checked_beside_the_decoding():
     # The same truncated body signed anew: now the body itself is what is wrong.
     with pytest.raises(PlanFormatError, match="plan body is corrupt"):
         decode_plan_with_digest(resign(body[:-3]))
+
+
+def test_an_array_where_a_kind_name_belongs_is_refused_by_name():
+    """A mask's or a relaxation's `kind` that is an array made `in` / `!=` raise numpy's
+    ValueError (a traceback) instead of the one-line refusal."""
+    for n in (0, 2):
+        d = plan_to_dict(make_full_plan())
+        t = next(t for t in d["tensors"] if t["relax"] is not None and t["contributions"][0]["mask"])
+        t["contributions"][0]["mask"]["kind"] = np.zeros(n, "<f4")
+        with pytest.raises(PlanFormatError, match=r"mask\.kind must be one of"):
+            decode_plan(resign(canonical.canonical_bytes(d)))
+        d = plan_to_dict(make_full_plan())
+        t = next(t for t in d["tensors"] if t["relax"] is not None)
+        t["relax"]["kind"] = np.zeros(n, "<f4")
+        with pytest.raises(PlanFormatError, match=r"relax\.kind must be \"aim\""):
+            decode_plan(resign(canonical.canonical_bytes(d)))
+
+
+def test_a_wrong_digest_is_named_first_whatever_the_decoding_raises(monkeypatch):
+    data, body = _big_plan_file()
+    forged = msgpack.packb([*split(data)[:2], body, "sha256:" + "0" * 64], use_bin_type=True)
+
+    def boom(*a, **k):
+        raise ValueError("a bug in a check")
+
+    monkeypatch.setattr("mergeplan.plan.codec.plan_from_dict", boom)
+    with pytest.raises(PlanFormatError, match="digest does not match"):
+        decode_plan_with_digest(forged)
+    with pytest.raises(ValueError, match="a bug in a check"):  # a matching digest: the bug shows
+        decode_plan_with_digest(data)
+
+
+def test_a_buffer_that_can_change_is_read_from_a_copy():
+    data, _ = _big_plan_file()
+    want = plan_digest(decode_plan(data))
+    for buf in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
+        plan, digest = decode_plan_with_digest(buf)
+        assert digest == plan_digest(plan) == want
+    buf = bytearray(data)
+    buf[-3] ^= 1  # the recorded digest's last characters
+    with pytest.raises(PlanFormatError, match="digest does not match"):
+        decode_plan_with_digest(buf)
+    buf.extend(b"x")  # no view of it is left behind (BufferError when one is)

@@ -163,6 +163,10 @@ _BIN_LEN = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes of the leng
 def decode_plan_with_digest(data: bytes, where: str = "plan") -> tuple[Plan, str]:
     """The plan and the digest its file records, which decoding checked against the body
     (so it equals plan_digest(plan) without re-encoding the plan)."""
+    if type(data) is not bytes:
+        # The body stays a view of `data` while it is hashed, decoded and compared: a buffer
+        # someone could change meanwhile (bytearray, mmap) is copied first.
+        data = bytes(data)
     try:
         outer = _outer(data)
     except Exception as e:  # msgpack raises several unrelated types for bad input
@@ -187,9 +191,9 @@ def decode_plan_with_digest(data: bytes, where: str = "plan") -> tuple[Plan, str
     try:
         with _gc_paused():
             plan = _decode_body(body, where)
-    except PlanFormatError:
-        if hashed() != digest:  # a body that does not match its digest says so first
-            raise mismatch from None
+    except Exception:
+        if hashed() != digest:  # a body that does not match its digest says so first, as
+            raise mismatch from None  # it did when the digest was checked before decoding
         raise
     if hashed() != digest:
         raise mismatch
@@ -204,11 +208,14 @@ def _hash_aside(body: bytes | memoryview) -> Callable[[], str]:
         return lambda: d
     out: list[str] = []
     t = threading.Thread(target=lambda: out.append(body_digest(body)), daemon=True)
-    t.start()
+    try:
+        t.start()
+    except RuntimeError:  # no thread to be had (process limits): hash here, later
+        return lambda: body_digest(body)
 
     def result() -> str:
         t.join()
-        return out[0]
+        return out[0] if out else body_digest(body)
     return result
 
 

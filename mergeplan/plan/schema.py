@@ -312,7 +312,7 @@ def mask(v: Any, path: At) -> dict:
     if not isinstance(v, dict):
         raise Corrupt(path, f"must be a map or nil, not {_kind(v)}")
     kind = v.get("kind")
-    if kind not in MASK_KINDS:
+    if not isinstance(kind, str) or kind not in MASK_KINDS:  # an array here made `in` raise
         raise Corrupt(child(path, "kind"), f"must be one of {', '.join(MASK_KINDS)}")
     spec(_MASK_FIELDS, required=_MASK_NEEDS[kind])(v, path)
     if "cutoff" in v and len(v["cutoff"]) != 2:
@@ -323,7 +323,7 @@ def mask(v: Any, path: At) -> dict:
 def relax(v: Any, path: At) -> dict:
     if not isinstance(v, dict):
         raise Corrupt(path, f"must be a map or nil, not {_kind(v)}")
-    if v.get("kind") != "aim":
+    if not isinstance(v.get("kind"), str) or v["kind"] != "aim":
         raise Corrupt(child(path, "kind"), "must be \"aim\", the only relaxation this mergeplan knows")
     return spec({"omega": number, "axis": integer(-MAX_NDIM, MAX_NDIM), "scores": array(frozenset({"<f4"}), 1)},
                 required=("omega", "axis", "scores"))(v, path)
