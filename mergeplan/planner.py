@@ -387,17 +387,21 @@ def build_plan(recipe: Recipe, opts: PlanOptions | None = None, stats=None) -> P
         names = _check_tensor_tables(inp, rows)
         decisions = None
         if recipe.guides:
-            from .guides import parse_guides, run_guides
+            from .guides import GuideDecisions, parse_guides
+            from .guides.decide import decide
 
+            chosen = parse_guides(recipe.guides)
             base, tasks = _guide_inputs(recipe, inp)
-            if stats is None:
-                decisions = run_guides(recipe.guides, recipe.calibration, base, tasks, recipe.dir,
-                                       device=opts.device, quiet=opts.quiet)
-            else:
-                from .guides.decide import decide
-
+            if stats is not None:  # reused (a search): they must be this recipe's
                 _check_stats(recipe, stats, base, tasks)
-                decisions = decide(stats, parse_guides(recipe.guides), base.id, [t.id for t in tasks])
+            elif chosen.enabled():
+                from .calibrate.run import calibrate
+                from .calibrate.settings import parse_calibration
+
+                stats = calibrate(chosen, parse_calibration(recipe.calibration, recipe.dir), base, tasks,
+                                  recipe.dir, device=opts.device, quiet=opts.quiet)
+            decisions = (GuideDecisions() if stats is None
+                         else decide(stats, chosen, base.id, [t.id for t in tasks]))
         models = ([inp.base] if inp.base else []) + inp.tasks
         aux_source = aux_model or (inp.base or inp.tasks[0]).id  # what Plan.aux_source names once the plan exists
         aux = inp.dirs[aux_source].aux_files()

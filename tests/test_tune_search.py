@@ -181,12 +181,33 @@ def test_two_workers_share_one_sqlite_study(tiny_family, tmp_path):
     plans = [read_plan(tmp_path / f"w{i}.plan") for i in range(2)]
     searched = [len(p.tuning["candidates"]) - 1 for p in plans]
     assert all(n >= 1 for n in searched) and sum(n for n in searched) >= 4
-    # The worker that finished last saw every trial: its plan is the study's best (or the recipe's).
+    # A worker whose budget is spent waits for the other's running trials, so both choose
+    # from every trial: each plan is the study's best (or the recipe's, if that is better).
     with sqlite3.connect(db) as con:
         best = con.execute("select min(value) from trial_values").fetchone()[0]
-    last = plans[max(range(2), key=lambda i: (tmp_path / f"w{i}.plan").stat().st_mtime)]
-    chosen = next(c for c in last.tuning["candidates"] if c["id"] == last.tuning["chosen"])
-    assert chosen["score"] <= best + 1e-12
+    for plan in plans:
+        chosen = next(c for c in plan.tuning["candidates"] if c["id"] == plan.tuning["chosen"])
+        assert chosen["score"] <= best + 1e-12
+
+
+def test_a_worker_waits_for_other_workers_trials_within_its_bound():
+    from mergeplan.tune.search import Candidate, _await_others
+
+    class Study:
+        def __init__(self, running):
+            self.left = list(running)
+
+        def running(self):
+            return self.left.pop(0) if len(self.left) > 1 else self.left[0]
+
+    said = []
+    t0 = time.monotonic()
+    _await_others(Study([2, 1, 1, 0]), [Candidate(0, {}, seconds=0.1)], None, said.append)
+    assert len(said) == 1 and "waiting for 2 candidate(s)" in said[0] and time.monotonic() - t0 < 5
+    # Another worker's trial that never ends (a crashed worker): the time budget still holds.
+    t0 = time.monotonic()
+    _await_others(Study([1]), [Candidate(0, {}, seconds=0.1)], time.monotonic() + 0.5, said.append)
+    assert 0.4 < time.monotonic() - t0 < 3
 
 
 def test_ctrl_c_keeps_the_best_so_far(tiny_family, tmp_path):

@@ -1,4 +1,5 @@
-"""run_guides: calibrate, then decide (the planner's one call for a guided recipe).
+"""run_guides: calibrate, then decide, in one call (for scripts and tests; the planner calls
+the two itself, so that it can take statistics a search already gathered).
 
 Calibration (model passes -> CalibStats) is mergeplan/calibrate/run.py; the decisions
 (CalibStats + options -> GuideDecisions, pure) are mergeplan/guides/decide.py. A caller

@@ -163,6 +163,8 @@ def tune_plan(recipe, opts, say: Callable[[str], None] = print, stats=None) -> P
 
         # -- a shared study: another worker's candidate may be the best ------------------
         if spec.storage:
+            if not interrupted:
+                _await_others(asker, candidates, end, say)
             finished = asker.finished()
             for t in finished:
                 if t["value"] is not None and objective.better(t["value"], best.score):
@@ -280,6 +282,21 @@ def _baselines(data: HeldOutData, dev, say) -> tuple[dict[str, Scores], dict[str
 
 def _show(assignment: dict[str, Any]) -> str:
     return "  ".join(f"{k}={v}" for k, v in assignment.items())
+
+
+def _await_others(asker, candidates: list[Candidate], end: float | None, say) -> None:
+    """Wait while other workers still score trials (the budget counts them as spent), so
+    that the worker ending last chooses from every trial of the study. Bounded by three
+    times this worker's slowest candidate (at least 30 s; a crashed worker's trial stays
+    RUNNING) and by the time budget."""
+    limit = max(30.0, 3 * max((c.seconds for c in candidates), default=0.0))
+    until = time.monotonic() + limit if end is None else min(end, time.monotonic() + limit)
+    told = False
+    while (n := asker.running()) and time.monotonic() < until:
+        if not told:
+            say(f"tune: waiting for {n} candidate(s) other workers are scoring (up to {until - time.monotonic():.0f} s)")
+            told = True
+        time.sleep(0.2)
 
 
 def _line(c: Candidate, best: Candidate, objective: Objective, what: str) -> str:

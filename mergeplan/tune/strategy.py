@@ -136,6 +136,10 @@ class StudyAsker:
     def fail(self, handle: Any) -> None:
         self.study.tell(handle, state=self._optuna.trial.TrialState.FAIL)
 
+    def running(self) -> int:
+        """Trials some worker is still scoring (this one has none left when it asks)."""
+        return len(self.study.get_trials(deepcopy=False, states=(self._optuna.trial.TrialState.RUNNING,)))
+
     def finished(self) -> list[dict[str, Any]]:
         """Every worker's completed trials: assignment, value and the attrs each worker set."""
         out = []
