@@ -157,7 +157,7 @@ def apply(
     out_dir: Annotated[Path, typer.Argument(help="Output directory (must not exist unless --force).")],
     model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
     threads: Annotated[int, typer.Option(help="Tensors merged in parallel (each on one core).")] = max(1, os.cpu_count() or 1),
-    force: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     full_verify: Annotated[bool, typer.Option("--full-verify", help="Check every input byte before merging (a second read); by default bytes are checked as they are read, before OUT_DIR appears.")] = False,
     device: Annotated[str, typer.Option(help="Compute device: cpu (default), cuda, cuda:N, mps, auto.")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,

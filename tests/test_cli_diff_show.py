@@ -77,10 +77,15 @@ def test_show_marks_stale_kept_and_overlap_at_apply(tmp_path, capsys):
 
 
 def test_every_command_takes_h_and_flags_print_as_flags(capsys):
-    for cmd in COMMANDS:
+    from mergeplan.cli import app
+
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert set(COMMANDS) <= set(commands) and {"eval", "pick"} <= set(commands)
+    for cmd in commands:
         code, out, _ = run_cli(capsys, cmd, "-h")
         assert code == 0 and "Usage" in out and "-h, --help" in out, cmd
-        assert "<bool>" not in out and "BOOLEAN" not in out, (cmd, out)
+        # A boolean option is a flag: no value to type, no --no-X twin (`--force / --no-force`).
+        assert "<bool>" not in out and "BOOLEAN" not in out and " / --no-" not in out, (cmd, out)
     code, out, _ = run_cli(capsys, "show", "-h")
     assert "--json " in out and "--tensors " in out
 
