@@ -519,6 +519,32 @@ def test_footer_keeps_save_help_quit_at_60x20(tmp_path):
     run(go())
 
 
+def test_every_dialog_footer_lists_its_own_keys_at_60x20(tmp_path):
+    """A dialog's footer said the grid's keys (e Edit, space Mark, ...), none of which work
+    inside it; each now names its own."""
+    from mergeplan_tui.screens.dialogs import PathScreen, QuitScreen
+    from mergeplan_tui.screens.edit import EditScreen
+    from mergeplan_tui.screens.help import HelpScreen
+    from test_tui_hostile import screen_text
+
+    async def go():
+        app = make_app(str(write(tmp_path)), model_checker=fixed_status)
+        async with app.run_test(size=(60, 20)) as pilot:
+            for keys, screen, footer in (
+                (("question_mark",), HelpScreen, "esc Close"),
+                (("escape", "e"), EditScreen, "esc Cancel ^s Apply"),
+                (("escape", "slash"), PathScreen, "esc Cancel"),
+                (("escape", "g"), PathScreen, "esc Cancel"),
+                (("escape", "e", *"0.5", "enter", "q"), QuitScreen, "s Save and quit d Discard esc Cancel"),
+            ):
+                await pilot.press(*keys)
+                await pilot.pause()
+                assert isinstance(app.screen, screen), (keys, app.screen)
+                assert screen_text(app).splitlines()[-1].strip() == footer, (screen, screen_text(app))
+
+    run(go())
+
+
 def test_find_tensor_and_goto_layer(tmp_path):
     async def go():
         app = make_app(str(write(tmp_path)), model_checker=fixed_status)
@@ -547,7 +573,7 @@ def test_toasts_leave_the_status_line_and_footer_visible(tmp_path):
             await asyncio.sleep(0.3)
             await pilot.pause()
             lines = screen_text(app).splitlines()
-            assert any("density set: 1 values changed" in line for line in lines[:-2])  # the toast is up
+            assert any("density set: 1 value changed" in line for line in lines[:-2])  # the toast is up
             assert lines[-2].strip() == "L0 q [math] density 0.2 (planned 0.6)"
             assert lines[-1].startswith("s Save ? Help q Quit")
 

@@ -197,7 +197,8 @@ class ReviewApp(App[int]):
         except MergeplanError as e:
             self.tell(str(e), severity="error", timeout=8)
             return
-        self.plan_changed(f"{req.field} {req.action}: {len(changes)} values changed (u undoes)")
+        n = len(changes)
+        self.plan_changed(f"{req.field} {req.action}: {n} value{'' if n == 1 else 's'} changed (u undoes)")
 
     def action_help(self) -> None:
         from .screens.detail import DetailScreen

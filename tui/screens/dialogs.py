@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Footer, Input, Label, Static
 
 from ..richtext import content
 
@@ -33,6 +33,7 @@ class ConfirmScreen(ModalScreen[bool]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.yes} (y)", variant="error", id="yes")
                 yield Button(f"{self.no} (n)", variant="primary", id="no")
+        yield Footer(compact=True)  # this dialog's keys, not those of the screen beneath
 
     def on_mount(self) -> None:
         # The safe answer has the focus, so a stray Enter loses nothing.
@@ -69,6 +70,7 @@ class QuitScreen(ModalScreen["str | None"]):
                 yield Button("Save (s)", variant="primary", id="save")
                 yield Button("Discard (d)", variant="error", id="discard")
                 yield Button("Cancel (Esc)", id="cancel")
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#save", Button).focus()  # Enter saves: the answer that loses nothing
@@ -99,6 +101,7 @@ class PathScreen(ModalScreen["str | None"]):
             yield Input(self.initial, id="path")
             yield Static(content(self.hint or "Enter to confirm, Escape to cancel"), classes="dialog-hint",
                          id="path-hint")
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one(Input).focus()

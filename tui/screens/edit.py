@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
 from mergeplan.errors import MergeplanError
 from mergeplan.plan.diff import number_span
@@ -127,7 +127,7 @@ def _n(count: int, noun: str) -> str:
 class EditScreen(ModalScreen["EditRequest | None"]):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", tooltip="close without changing anything"),
-        Binding("ctrl+s", "apply", "Apply", show=False, tooltip="apply (as Enter in any field)"),
+        Binding("ctrl+s", "apply", "Apply", tooltip="apply (as Enter in any field)"),
     ]
 
     def __init__(self, editor: PlanEditor, gm: GridModel, fields: list[str], prefill: Prefill):
@@ -167,6 +167,7 @@ class EditScreen(ModalScreen["EditRequest | None"]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Apply (Enter)", variant="primary", id="apply")
                 yield Button("Cancel (Esc)", id="cancel")
+        yield Footer(compact=True)  # this dialog's keys, not those of the screen beneath
 
     def on_mount(self) -> None:
         self.query_one("#value" if self.prefill.action != "reset" else "#layers", Input).focus()

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.widgets import Footer, Label, Static
 
 from ..richtext import add_row, section
 
@@ -39,6 +39,7 @@ class HelpScreen(ModalScreen[None]):
             yield Label("Keys  (Esc closes)", classes="dialog-title")
             with VerticalScroll(id="help-scroll"):
                 yield Static(self._render_keys())
+        yield Footer(compact=True)  # this dialog's keys, not those of the screen beneath
 
     def on_mount(self) -> None:
         self.query_one("#help-scroll").focus()
