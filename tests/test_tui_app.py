@@ -446,6 +446,47 @@ def test_box_edit_over_the_projections_leaves_the_norm_between_them(tmp_path):
     assert len(ed.pending()) == 14
 
 
+def test_ticking_1d_takes_in_the_norms_of_a_box_and_grid_labels_name_components(tmp_path):
+    """The box's components include its norm columns, so the 1-D tick takes them in (it did
+    nothing when the prefill dropped them); the preview says how many it leaves out until
+    then. Components also take the grid's column labels (in_n, post)."""
+    path = write(tmp_path, _with_post_norms())
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("space", "down", *["right"] * 7, "e")  # L0 q .. L1 down, across "post"
+            s = app.screen
+            s.query_one("#field").value = "weight"
+            await pilot.pause()
+            preview = str(s.query_one("#edit-preview").render())
+            assert "weight of 14 tensors (q, k, v, o, gate, up, down) x 1 model; 2 1-D tensors left out" in preview
+            s.query_one("#vectors").value = True
+            await pilot.pause()
+            preview = str(s.query_one("#edit-preview").render())
+            assert "weight of 16 tensors (q, k, v, o, post_norm, gate, up, down) x 1 model" in preview, preview
+            assert "left out" not in preview
+            await pilot.press("0", ".", "9", "enter")
+            await pilot.pause()
+            await pilot.press("e")
+            s = app.screen
+            s.query_one("#components").value = "post"
+            s.query_one("#layers").value = "2-3"
+            s.query_one("#field").value = "weight"
+            await pilot.pause()
+            assert "2 1-D tensors left out: tick 1-D to include" in str(s.query_one("#edit-error").render())
+            s.query_one("#vectors").value = True
+            await pilot.pause()
+            preview = str(s.query_one("#edit-preview").render())
+            assert "weight of 2 tensors (post_norm) x 1 model" in preview, preview
+            return app.editor
+
+    ed = run(go())
+    for layer in (0, 1):
+        assert ed.get(f"model.layers.{layer}.post_attention_layernorm.weight", "math", "weight") == 0.9
+    assert len(ed.pending()) == 16
+
+
 def test_norm_columns_alone_are_an_explicit_choice(tmp_path):
     path = write(tmp_path, _with_post_norms())
 

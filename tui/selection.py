@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mergeplan.arch import component_groups
+from mergeplan.arch import component_groups, short_label
 from mergeplan.errors import MergeplanError
 
 # Group names a user can type instead of listing components: mergeplan.arch knows which
@@ -53,11 +53,16 @@ def parse_components(text: str, known: list[str]) -> frozenset[str] | None:
     if text.strip().lower() in _ALL:
         return None
     out: set[str] = set()
+    # The grid's column labels (in_n, post, ...) name their component where only one has it.
+    shorts = [short_label(c) for c in known]
+    shown = {s: c for s, c in zip(shorts, known) if shorts.count(s) == 1}
     for item in _items(text):
         if item in GROUPS:
             out.update(component_groups(known)[item])
         elif item in known:
             out.add(item)
+        elif item in shown:
+            out.add(shown[item])
         else:
             raise MergeplanError(
                 f"components: unknown {item!r}; use {', '.join(known)} or a group ({', '.join(GROUPS)})"

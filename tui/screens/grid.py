@@ -179,9 +179,10 @@ class GridScreen(Screen):
         info.text = clean(text)
 
     def selection_prefill(self) -> Prefill:
-        """The marked box (or the cursor cell) as edit-screen fields. Norm columns inside a
-        wider box are left out: a box over q..down means the projections, not the norm
-        between them (a box of norm columns alone selects them, with 1-D tensors on)."""
+        """The marked box (or the cursor cell) as edit-screen fields. A box over q..down
+        means the projections, not the norm between them: its components include the norm
+        columns but 1-D tensors stay off (the preview counts what that leaves out, and
+        ticking 1-D takes them in); a box of norm columns alone has 1-D on."""
         grid = self.query_one(PlanGrid)
         gm = self.gm
         q = self.quantity
@@ -196,8 +197,6 @@ class GridScreen(Screen):
         comps = sorted({c for c, _ in cols}, key=gm.components.index)
         vector_comps = [c for c in comps if gm.is_vector_component(c)]
         vectors = bool(comps) and len(vector_comps) == len(comps)
-        if not vectors:
-            comps = [c for c in comps if c not in vector_comps]
         models = sorted({m for _, m in cols if m}, key=gm.models.index)
         layer_rows = [r for r in rows if isinstance(r, int)]
         pattern = ""
