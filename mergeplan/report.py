@@ -283,9 +283,11 @@ def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | s
         console.print(f"[bold]{title}[/]")
 
     for r in s.global_rows:
-        say(f"{r.where}  {r.field}: {_cell(r.old)} -> {_cell(r.new)}")
+        say(f"{r.where}  {r.field}: {_cell(r.shown('old'))} -> {_cell(r.shown('new'))}")
     if s.rows:
-        heading("changed values per layer and component")
+        ranged = next((label for label, _ in s.rows if "-" in label[1:]), None)  # "L3-9": equal counts merged
+        heading("changed values per layer and component"
+                + (f" ({markup(ranged)}: in each of those layers)" if ranged else ""))
         label_w = max(len(label) for label, _ in s.rows) + 1
         per_block = max(1, (width - label_w) // 5)
         for i in range(0, len(s.components), per_block):
@@ -314,7 +316,7 @@ def print_diff(console: Console, rows: list[DiffRow], a: Path | str, b: Path | s
         if r.where != where:
             where = r.where
             lines.append(clean(r.where))
-        lines.append(clean(f"  {r.model + '  ' if r.model else ''}{r.field}: {_cell(r.old)} -> {_cell(r.new)}"))
+        lines.append(clean(f"  {r.model + '  ' if r.model else ''}{r.field}: {_cell(r.shown('old'))} -> {_cell(r.shown('new'))}"))
     # console.out: plain text, no markup or highlighting; long lines wrap as the terminal wraps them.
     console.out("\n".join(lines), highlight=False)
 

@@ -57,6 +57,12 @@ def test_diff_summary_fits_the_pipe_width_and_names_layers_and_fields(tmp_path):
     out = _diff(a, b, "--tensors")
     assert "model.layers.3.mlp.down_proj.weight\n  math  density: " in out
     assert "model.layers.4." not in out
+    # Merged layer ranges say their counts are per layer; digests the edit dropped are
+    # recomputed by apply, and say so (they read "-" or "none" before).
+    out = _diff(a, b, "--tensors")
+    assert "changed values per layer and component (L0-3: in each of those layers)" in out
+    assert "mask.digest     56      28  8 different -> at apply" in out
+    assert "  math  mask.digest: 000000000000 -> at apply" in out
 
 
 def test_show_marks_stale_kept_and_overlap_at_apply(tmp_path, capsys):

@@ -318,6 +318,34 @@ def test_diff_against_loaded_and_other_plan(tmp_path):
     run(go())
 
 
+def test_diff_screen_fits_60_columns_and_names_what_apply_recomputes(tmp_path):
+    """At 60x20 the old -> new column was cut off (fixed 80-column widths): now the tensor
+    name gives way, and a digest the edit dropped reads "at apply", not "-"."""
+    from test_tui_hostile import screen_text
+
+    other = write(tmp_path, review_plan(), "other.plan")
+    path = write(tmp_path)
+
+    async def go():
+        app = make_app(str(path), compare=str(other), model_checker=fixed_status)
+        async with app.run_test(size=(60, 20)) as pilot:
+            await pilot.press("e", "0", ".", "4", "enter", "d", "t")
+            await pilot.pause()
+            assert isinstance(app.screen, DiffScreen)
+            lines = screen_text(app).splitlines()
+            assert "as loaded (old) -> this plan (new)" in " ".join(lines[1:3])
+            change = [ln for ln in lines if ln.startswith(" L0 ")]
+            assert len(change) == 2 and all(len(ln.rstrip()) <= 60 for ln in change)
+            assert change[0].split()[-4:] == ["density", "0.6", "->", "0.4"], change
+            assert change[1].split()[-5:] == ["mask.digest", "00000000", "->", "at", "apply"], change
+            await pilot.press("t")  # the other plan: the label is its path
+            await pilot.pause()
+            bar = str(app.screen.query_one("#diff-bar").render())
+            assert f"2 differences: {other} (old) -> this plan (new)" in bar, bar
+
+    run(go())
+
+
 def test_quantity_switch_and_model_filter(tmp_path):
     async def go():
         app = make_app(str(write(tmp_path)), model_checker=fixed_status)

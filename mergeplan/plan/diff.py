@@ -17,6 +17,22 @@ class DiffRow:
     field: str
     old: Any
     new: Any
+    # None on that side is a mask's digest or cutoff an edit left to apply to recompute
+    # (the mask is still there), not a missing value.
+    old_at_apply: bool = False
+    new_at_apply: bool = False
+
+    def shown(self, side: str) -> Any:
+        """`old` or `new` as a reader should see it: AT_APPLY where it is recomputed there."""
+        if getattr(self, f"{side}_at_apply"):
+            from .view import AT_APPLY
+
+            return AT_APPLY
+        return getattr(self, side)
+
+
+# Mask keys apply recomputes when an edit cleared them (edit.py: the digest pinned the old density).
+_RECOMPUTED = frozenset({"mask.digest", "mask.cutoff"})
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -83,7 +99,10 @@ def _tensor_rows(a: TensorPlan, b: TensorPlan) -> list[DiffRow]:
         ma, mb = _mask_view(ca.mask), _mask_view(cb.mask)
         for k in sorted(set(ma) | set(mb)):
             if k != "mask.density" and not _same(ma.get(k), mb.get(k)):
-                rows.append(DiffRow(a.name, m, k, ma.get(k), mb.get(k)))
+                pending = k in _RECOMPUTED
+                rows.append(DiffRow(a.name, m, k, ma.get(k), mb.get(k),
+                                    pending and ca.mask is not None and ma.get(k) is None,
+                                    pending and cb.mask is not None and mb.get(k) is None))
     return rows
 
 
@@ -117,7 +136,8 @@ def diff_plans(a: Plan, b: Plan) -> list[DiffRow]:
     for t in b.tensors:
         if t.name not in seen:
             rows.append(DiffRow(t.name, None, "tensor", None, "present"))
-    return [DiffRow(r.where, r.model, r.field, _short(r.old), _short(r.new)) for r in rows]
+    return [DiffRow(r.where, r.model, r.field, _short(r.old), _short(r.new), r.old_at_apply, r.new_at_apply)
+            for r in rows]
 
 
 # -- summary: where the changes are, and what changed ----------------------------------------
@@ -170,7 +190,7 @@ def _span(vals: list[Any]) -> str:
 
 def _text(v: Any) -> str:
     if v is None:
-        return "none"
+        return "-"  # absent; not "none", which is a value (a mask's rescale mode)
     if is_mask_digest(v):
         return v[:12]
     return str(v)
@@ -203,7 +223,7 @@ def summarize(rows: list[DiffRow]) -> DiffSummary:
     labels = [(row_label(a) if a == b else f"L{a}-{b}", line) for a, b, line in folded]
     fields = [
         FieldSummary(f, len(rs), len({r.where for r in rs}), len({r.model for r in rs if r.model}),
-                     _span([r.old for r in rs]), _span([r.new for r in rs]))
+                     _span([r.shown("old") for r in rs]), _span([r.shown("new") for r in rs]))
         for f, rs in by_field.items()
     ]
     return DiffSummary(components, labels, fields, global_rows, len({r.where for r in tensor_rows}))

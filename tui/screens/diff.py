@@ -43,16 +43,13 @@ class DiffScreen(Screen):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        # Widths that fit 80 columns with the cell padding: old -> new gets what is left.
-        table.add_column("tensor / where", key="where", width=26)
-        table.add_column("model", key="model", width=7)
-        table.add_column("field", key="field", width=11)
-        table.add_column("old -> new", key="change")
         if self.session.compare_plan is not None:
             self.set_reactive(DiffScreen.against, OTHER)
         self.refresh_rows()
-        table.focus()
+        self.query_one(DataTable).focus()
+
+    def on_resize(self) -> None:
+        self.refresh_rows()
 
     def watch_against(self) -> None:
         self.refresh_rows()
@@ -67,11 +64,18 @@ class DiffScreen(Screen):
         else:
             base, label = ses.editor.loaded, "as last saved" if ses.saved_once else "as loaded"
         rows = diff_plans(base, ses.plan)
+        cells = [[_short_name(r.where), r.model or "", r.field, f"{_cell(r.shown('old'))} -> {_cell(r.shown('new'))}"] for r in rows]
+        widths = _widths(cells, self.size.width)
         table = self.query_one(DataTable)
-        table.clear()
-        for i, r in enumerate(rows):
-            table.add_row(*(text(x) for x in (_short_name(r.where), r.model or "", r.field,
-                                              f"{_cell(r.old)} -> {_cell(r.new)}")), key=str(i))
+        at = table.cursor_row
+        table.clear(columns=True)
+        for (head, key), w in zip(_COLUMNS, widths):
+            table.add_column(head, key=key, width=w)
+        for i, c in enumerate(cells):
+            c[0] = _fit(c[0], widths[0])
+            table.add_row(*map(text, c), key=str(i))
+        if rows:
+            table.move_cursor(row=min(at, len(rows) - 1))
         fields = ", ".join(f"{f.field} {f.values}" for f in summarize_diff(rows).fields[:3])
         # The path goes in as a variable: literal text, never markup (rich's escape() is not Textual's).
         self.query_one("#diff-bar", Static).update(
@@ -101,6 +105,30 @@ class DiffScreen(Screen):
 
         self.app.push_screen(PathScreen("Compare with plan file", self.session.compare_path or "",
                                         "old = that file, new = this plan"), chosen)
+
+
+_COLUMNS = (("tensor / where", "where"), ("model", "model"), ("field", "field"), ("old -> new", "change"))
+
+
+def _widths(cells: list[list[str]], width: int) -> list[int]:
+    """Column widths for a screen `width` wide: model, field and old -> new as wide as their
+    longest cell (within limits), the tensor name gets what is left (at least 12); each
+    column takes 2 more for its padding, and the scrollbar 2."""
+    want = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _) in enumerate(_COLUMNS)]
+    model, field, change = min(want[1], 12), min(want[2], 14), min(want[3], 31)
+    where = max(12, min(want[0], width - model - field - change - 2 * len(_COLUMNS) - 2))
+    return [where, model, field, change]
+
+
+def _fit(name: str, width: int) -> str:
+    """A tensor's short name in `width` characters: without `.weight` first, then cut in
+    the middle (the layer and the component's end stay)."""
+    if len(name) > width and name.endswith(".weight"):
+        name = name[: -len(".weight")]
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep - keep // 2] + "…" + name[len(name) - keep // 2:]
 
 
 def _short_name(where: str) -> str:
