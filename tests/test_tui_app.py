@@ -668,3 +668,44 @@ def test_review_in_a_real_terminal_opens_and_quits(tmp_path):
     child.close()
     assert child.exitstatus == 0
     assert b"\x1b[?1049l" in child.before  # left the alternate screen
+
+
+def test_esc_goes_back_to_the_grid_and_the_legend_names_only_what_cells_show(tmp_path):
+    """Esc leaves the overview, diff and tuning screens (as it leaves a tensor's detail);
+    `? at apply` is in the legend only when a cell shows `?`; the planner's frozen
+    `aim.mean_factor` is not a second copy of the live mean AIM factor view."""
+    from mergeplan_tui.screens.overview import OverviewScreen
+
+    plan = review_plan()
+    for t in plan.tensors:
+        if t.contributions and t.contributions[0].mask:
+            t.stats.update({"kept": {c.model: c.density for c in t.contributions}, "aim.mean_factor": 0.5})
+    path = write(tmp_path, plan)
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(100, 30)) as pilot:
+            for key, screen in (("o", OverviewScreen), ("d", DiffScreen)):
+                await pilot.press(key)
+                assert isinstance(app.screen, screen)
+                await pilot.press("escape")
+                assert isinstance(app.screen, GridScreen), key
+            grid = app.screen.query_one(PlanGrid)
+            labels = [q.label for q in grid.gm.quantities()]
+            assert "mean AIM factor" in labels and "aim.mean_factor" not in labels
+            bar = app.screen.query_one("#grid-bar")
+
+            async def show(label):
+                while app.screen.quantity.label != label:
+                    await pilot.press("v")
+                await pilot.pause()
+                return str(bar.render())
+
+            assert "? at apply" not in await show("kept")  # nothing edited yet
+            assert "? at apply" not in await show("lewis.delta")
+            await show("density")
+            await pilot.press("e", "0", ".", "4", "enter")  # L0 q [math]: its kept is now stale
+            assert "? at apply" in await show("kept")
+            assert "? at apply" not in await show("lewis.delta")
+
+    run(go())

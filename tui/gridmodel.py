@@ -31,6 +31,11 @@ class Quantity:
     field: str | None  # the PlanEditor field this quantity edits, None when read-only
 
 
+# The planner's record of a value the grid computes live from the plan: the AIM guide's
+# mean factor per tensor is the "mean AIM factor" view, which also follows omega edits.
+_SHOWN_LIVE = frozenset({"aim.mean_factor"})
+
+
 class GridModel:
     """Layout of a plan as a (row x component) grid, and per-cell values for each quantity.
 
@@ -85,7 +90,7 @@ class GridModel:
         model_set = set(self.models)
         for t in self.plan.tensors:
             for k, v in t.stats.items():
-                if k in kinds:
+                if k in kinds or (k in _SHOWN_LIVE and t.relax):
                     continue
                 if isinstance(v, dict) and v and set(v) <= model_set and all(_is_number(x) for x in v.values()):
                     kinds[k] = True

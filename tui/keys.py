@@ -10,3 +10,7 @@ COMMON = [
     Binding("question_mark,f1", "app.help", "Help", tooltip="this list of keys"),
     Binding("q", "app.quit", "Quit", tooltip="quit; offers to save unsaved edits"),
 ]
+
+# The overview, diff and tuning screens are modes beside the grid: Esc goes back to it, as
+# it does from a tensor's detail.
+BACK = Binding("escape", "app.switch_mode('grid')", "Grid", show=False, tooltip="back to the grid")

@@ -13,7 +13,7 @@ from mergeplan.plan.codec import read_plan
 from mergeplan.plan.diff import diff_plans, is_mask_digest, summarize as summarize_diff
 from mergeplan.plan.names import parse_name
 
-from ..keys import COMMON
+from ..keys import BACK, COMMON
 from ..messages import PlanChanged
 from ..richtext import markup, tell, text
 from ..session import Session
@@ -26,6 +26,7 @@ LOADED, OTHER = "loaded", "other"
 class DiffScreen(Screen):
     BINDINGS = [
         *COMMON,
+        BACK,
         Binding("t", "toggle", "Loaded/other", tooltip="switch between the plan as loaded and the other plan"),
         Binding("c", "compare", "Compare file", tooltip="choose another plan file to compare with"),
     ]

@@ -92,11 +92,19 @@ class GridScreen(Screen):
         series_models = (self._models() or gm.models) if q.per_model else [None]
         series = [(m or "tensors", gm.series(q, m, grid.values), gm.layers) for m in series_models]
         await self.query_one(LayerBars).update_series(series)
-        self.query_one("#grid-bar", Static).update(self._legend(q, grid.value_range))
+        self.query_one("#grid-bar", Static).update(self._legend(q, grid.value_range, self._any_pending(q, grid)))
         self._update_cell_info()
 
-    def _legend(self, q: Quantity, scale: tuple[float, float]) -> Text:
-        """`label · models  lo ▇▇▇▇▇▇▇▇▇ hi  * edited ? at apply`: what the colours mean."""
+    def _any_pending(self, q: Quantity, grid: PlanGrid) -> bool:
+        """Whether some cell shows `?` (a statistic an edit made stale)."""
+        if not q.key.startswith("stat:"):
+            return False
+        return any(v is None and (name := self.gm.tensor_at(row, comp)) is not None and self.gm.pending(name, q, m)
+                   for (row, comp, m), v in grid.values.items())
+
+    def _legend(self, q: Quantity, scale: tuple[float, float], pending: bool = False) -> Text:
+        """`label · models  lo ▇▇▇▇▇▇▇▇▇ hi  * edited ? at apply`: what the colours mean
+        (`? at apply` only when a cell shows it)."""
         shown = "per tensor" if not q.per_model else (self.model_filter or "all models")
         bar = Text()
         bar.append(clean(q.label), style="bold")
@@ -104,7 +112,7 @@ class GridScreen(Screen):
         for colour in PALETTE:
             bar.append("█", style=colour)
         bar.append(f" {scale[1]:.3g}  * edited")
-        if q.key.startswith("stat:"):
+        if pending:
             bar.append("  ? at apply")
         if not q.field:
             bar.append("  read-only")
@@ -175,7 +183,7 @@ class GridScreen(Screen):
                     text += f" (planned {planned:.4g})"
         box = self._selection_box()
         if box:
-            text += f" · marked {len(box[0])} rows x {len(box[1])} cols (e edits them)"
+            text += f" · box {len(box[0])}x{len(box[1])} (e edits)"
         info.text = clean(text)
 
     def selection_prefill(self) -> Prefill:

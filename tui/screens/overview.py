@@ -12,7 +12,7 @@ from textual.widgets import Footer, Header, Static
 
 from mergeplan.plan.model import OP_MERGE
 
-from ..keys import COMMON
+from ..keys import BACK, COMMON
 from ..messages import PlanChanged, StatusChanged
 from ..richtext import add_row, section, text
 from ..session import Session
@@ -22,7 +22,7 @@ _STATUS_STYLE = {"found": "green", "changed": "bold red", "missing": "yellow"}
 
 
 class OverviewScreen(Screen):
-    BINDINGS = COMMON
+    BINDINGS = [*COMMON, BACK]
 
     def __init__(self, session: Session):
         super().__init__()

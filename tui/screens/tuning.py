@@ -19,7 +19,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from mergeplan.tune.report import bar, candidate_rows, short_names, verdict_lines
 
-from ..keys import COMMON
+from ..keys import BACK, COMMON
 from ..richtext import fit, tell, text
 from ..session import Session
 from .dialogs import ConfirmScreen
@@ -28,6 +28,7 @@ from .dialogs import ConfirmScreen
 class TuningScreen(Screen):
     BINDINGS = [
         *COMMON,
+        BACK,
         Binding("enter", "pick", "Pick", tooltip="re-plan with this candidate into a new plan file"),
     ]
 
