@@ -701,11 +701,42 @@ def test_esc_goes_back_to_the_grid_and_the_legend_names_only_what_cells_show(tmp
                 await pilot.pause()
                 return str(bar.render())
 
-            assert "? at apply" not in await show("kept")  # nothing edited yet
-            assert "? at apply" not in await show("lewis.delta")
+            assert "?at apply" not in await show("kept")  # nothing edited yet
+            assert "?at apply" not in await show("lewis.delta")
             await show("density")
             await pilot.press("e", "0", ".", "4", "enter")  # L0 q [math]: its kept is now stale
-            assert "? at apply" in await show("kept")
-            assert "? at apply" not in await show("lewis.delta")
+            assert "?at apply" in await show("kept")
+            assert "?at apply" not in await show("lewis.delta")
 
     run(go())
+
+
+def test_values_set_in_a_saved_session_are_marked_when_the_plan_is_reopened(tmp_path):
+    """`*` is this session's unsaved edit; once saved, and when the plan is opened again
+    (by its author or whoever receives it), the edit log marks the value `+`. A forged
+    log entry of the wrong shape is ignored."""
+    plan = review_plan()
+    plan.edit_log.append({"time": "x", "tool": "y", "changes": [["model.layers.1.self_attn.k_proj.weight"], [5],
+                                                                [None, None, None, None, "nan"]]})
+    path = write(tmp_path, plan)
+
+    async def go(keys, size=(100, 30)):
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=size) as pilot:
+            await pilot.press(*keys)
+            await pilot.pause()
+            grid = app.screen.query_one(PlanGrid)
+            marks = {grid.at(r, c): grid._cells[r][c][0][-1] for r in range(len(grid._cells))
+                     for c in range(len(grid.col_keys)) if grid._cells[r][c][0][-1] in "*+"}
+            return marks, str(app.screen.query_one("#grid-bar").render()), app.screen.query_one("#cell-info").text
+
+    marks, bar, _ = run(go(["e", "0", ".", "4", "enter"]))
+    assert marks == {(0, "q", "math"): "*"} and "+saved" in bar  # the review_plan's log has an entry
+    marks, _, _ = run(go(["e", "0", ".", "4", "enter", "s"]))
+    assert marks == {(0, "q", "math"): "+"}
+    marks, bar, info = run(go([]))  # reopened
+    assert marks == {(0, "q", "math"): "+"} and "+saved" in bar
+    assert info.endswith("density 0.4 (set by hand in a saved review)")
+    # The review_plan's own log entry sets up_proj's weight to 1.1, which it is not: no mark.
+    marks, _, _ = run(go(["v"]))
+    assert marks == {}

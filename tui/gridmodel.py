@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mergeplan.plan import view
-from mergeplan.plan.edit import FIELDS, get_value
+from mergeplan.plan.edit import FIELDS, differs, get_value
 from mergeplan.plan.model import OP_MERGE, Plan
 from mergeplan.plan.names import parse_name
 from mergeplan.plan.view import ROW_EMBED, ROW_HEAD, RowKey, short_component
@@ -46,6 +46,9 @@ class GridModel:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.models = [m.id for m in plan.task_models]
+        self._hand: dict = {}  # view.hand_set(plan), kept until the edit log changes
+        self._hand_for: list | None = None
+        self._hand_len = -1
         cells: dict[tuple[RowKey, str], list[str]] = {}
         layers: set[int] = set()
         comps: set[str] = set()
@@ -159,6 +162,18 @@ class GridModel:
             c = self.plan.tensor(tensor).contribution(model) if model else None
             return c is not None and c.mask is not None
         return True
+
+    def set_by_hand(self, tensor: str, model: str | None, field: str, value: float | None) -> bool:
+        """The value is what a saved edit session set (the edit log's last word on it)."""
+        log = self.plan.edit_log
+        if self._hand_for is not log or self._hand_len != len(log):  # a save appends to the log
+            self._hand, self._hand_for, self._hand_len = view.hand_set(self.plan), log, len(log)
+        set_to = self._hand.get((tensor, model, field))
+        return set_to is not None and value is not None and not differs(value, set_to)
+
+    @property
+    def has_hand_edits(self) -> bool:
+        return bool(self.plan.edit_log)
 
     def pending(self, tensor: str, q: Quantity, model: str | None) -> bool:
         """The cell's statistic is known only at apply (an edit changed the mask it measured)."""

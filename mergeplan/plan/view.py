@@ -239,6 +239,26 @@ def stale_stats(t: TensorPlan) -> list[str]:
     return out
 
 
+# -- what earlier review sessions set by hand ---------------------------------------------------
+EditKey = tuple[str, Union[str, None], str]  # (tensor, model or None, field)
+
+
+def hand_set(plan: Plan) -> dict[EditKey, float]:
+    """The value each saved edit session set last, per (tensor, model, field), from the
+    edit log. A received plan's log is free-form (the schema checks only its shape), so a
+    change that is not [tensor, model or None, field, old, new number] is skipped."""
+    out: dict[EditKey, float] = {}
+    for entry in plan.edit_log or []:
+        for ch in entry.get("changes", []) if isinstance(entry, dict) else []:
+            if not (isinstance(ch, (list, tuple)) and len(ch) == 5):
+                continue
+            tensor, model, field, _, new = ch
+            if (isinstance(tensor, str) and isinstance(field, str) and (model is None or isinstance(model, str))
+                    and isinstance(new, (int, float)) and not isinstance(new, bool)):
+                out[(tensor, model, field)] = float(new)
+    return out
+
+
 # -- where the inputs are ----------------------------------------------------------------------
 def model_search_dirs(plan: Plan, plan_path: str | None) -> list[Path]:
     """Directories a relative model path is tried against, in apply's order: the recipe's

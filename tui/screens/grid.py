@@ -103,17 +103,22 @@ class GridScreen(Screen):
                    for (row, comp, m), v in grid.values.items())
 
     def _legend(self, q: Quantity, scale: tuple[float, float], pending: bool = False) -> Text:
-        """`label · models  lo ▇▇▇▇▇▇▇▇▇ hi  * edited ? at apply`: what the colours mean
-        (`? at apply` only when a cell shows it)."""
+        """`label · models  lo ▇▇▇▇▇▇▇▇▇ hi  *edited +saved ?at apply`: what the colours and
+        marks mean (`+saved` only for a plan with an edit log, `?at apply` only when a cell
+        shows it)."""
         shown = "per tensor" if not q.per_model else (self.model_filter or "all models")
         bar = Text()
         bar.append(clean(q.label), style="bold")
         bar.append(f" · {clean(shown)} · {scale[0]:.3g} ")
         for colour in PALETTE:
             bar.append("█", style=colour)
-        bar.append(f" {scale[1]:.3g}  * edited")
+        # The marks tersely (the help and docs/review.md spell them out), so that at 60
+        # columns they fit after the scale: `*` unsaved edit, `+` set in a saved review.
+        bar.append(f" {scale[1]:.3g}  *edited")
+        if self.gm.has_hand_edits:
+            bar.append("  +saved")
         if pending:
-            bar.append("  ? at apply")
+            bar.append("  ?at apply")
         if not q.field:
             bar.append("  read-only")
         if q.per_model and not self.model_filter and len(self.gm.models) > 1:
@@ -178,9 +183,12 @@ class GridScreen(Screen):
             else:
                 text = f"{where} {q.label} {v:.4g}"
             if q.field and v is not None:
-                planned = self.session.editor.planned(name, model if q.per_model else None, q.field)
+                m = model if q.per_model else None
+                planned = self.session.editor.planned(name, m, q.field)
                 if planned != v:
                     text += f" (planned {planned:.4g})"
+                elif self.gm.set_by_hand(name, m, q.field, v):
+                    text += " (set by hand in a saved review)"
         box = self._selection_box()
         if box:
             text += f" · box {len(box[0])}x{len(box[1])} (e edits)"

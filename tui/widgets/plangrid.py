@@ -37,8 +37,8 @@ ColumnKey = tuple[str, "str | None"]  # (component, model or None)
 
 class PlanGrid(ScrollView, can_focus=True):
     """Shows one quantity of every tensor. Arrows move, Enter (or a click on the cursor
-    cell) opens the tensor. Cells that differ from the plan as loaded carry a '*'; cells in
-    the marked selection are underlined."""
+    cell) opens the tensor. Cells that differ from the plan as loaded carry a '*', values a
+    saved edit session set (the edit log) a '+'; cells in the marked selection are underlined."""
 
     BINDINGS = [
         Binding("up,k", "move(-1, 0)", "Up", show=False, tooltip="previous layer"),
@@ -129,15 +129,20 @@ class PlanGrid(ScrollView, can_focus=True):
         name = self.gm.tensor_at(row, comp)
         field = q.field or ("omega" if q.key == "aim" else None)
         edited = False
+        mark = " "
+        m = model if q.per_model else None
         # Nothing differs from the plan as loaded until the editor copied it (first edit).
         if name is not None and field is not None and v is not None and self.editor.loaded is not self.editor.plan:
-            m = model if q.per_model else None
             edited = differs(self.editor.get(name, m, field), self.editor.planned(name, m, field))
+        if edited:
+            mark = "*"
+        elif name is not None and field is not None and self.gm.set_by_hand(name, m, field, self.editor.get(name, m, field)):
+            mark = "+"  # set in an earlier, saved review session (the plan's edit log)
         colours = None if (row, comp, model) in self._off_scale else heat(v, *self.value_range)
         style = Style(bgcolor=colours[0], color=colours[1]) if colours else empty
         if v is None and name is not None and self.gm.pending(name, q, model):
             return "?".rjust(CELL_WIDTH - 1) + " ", empty  # a statistic an edit made stale: known at apply
-        return fmt_cell(v) + ("*" if edited else " "), style
+        return fmt_cell(v) + mark, style
 
     # -- cursor ---------------------------------------------------------------------------
     def at(self, row_index: int, col_index: int) -> tuple[RowKey, str, str | None]:
