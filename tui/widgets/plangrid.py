@@ -136,7 +136,8 @@ class PlanGrid(ScrollView, can_focus=True):
             edited = differs(self.editor.get(name, m, field), self.editor.planned(name, m, field))
         if edited:
             mark = "*"
-        elif name is not None and field is not None and self.gm.set_by_hand(name, m, field, self.editor.get(name, m, field)):
+        elif (self.gm.has_hand_edits and name is not None and field is not None
+              and self.gm.set_by_hand(name, m, field, self.editor.get(name, m, field))):
             mark = "+"  # set in an earlier, saved review session (the plan's edit log)
         colours = None if (row, comp, model) in self._off_scale else heat(v, *self.value_range)
         style = Style(bgcolor=colours[0], color=colours[1]) if colours else empty
