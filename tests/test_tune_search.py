@@ -312,7 +312,14 @@ def test_review_lists_the_candidates_and_picks_another(grid_run, tmp_path):
             ids = [int(str(table.get_row_at(i)[0]).strip("● ")) for i in range(table.row_count)]
             assert ids == [c["id"] for c in order]
             assert str(table.get_row_at(0)[0]).startswith("●") == (order[0]["id"] == t["chosen"])
-            await pilot.press("down", "enter")
+            await pilot.press("down")
+            await pilot.pause()
+            # The highlighted candidate in full under the table (the values column may be cut).
+            row = str(app.screen.query_one("#tuning-row").render())
+            second = next(c for c in order if c["id"] == ids[1])
+            assert row.startswith(f"#{ids[1]}: ") and " · loss " in row, row
+            assert all(f"{k}=" in row for k in second["assignment"]), (row, second)
+            await pilot.press("enter")
             await pilot.pause()
             await pilot.press("y")
             for _ in range(600):

@@ -41,6 +41,7 @@ class TuningScreen(Screen):
         yield Header()
         yield Static(id="tuning-bar")
         yield DataTable(id="tuning-table", cursor_type="row", zebra_stripes=True)
+        yield Static(id="tuning-row")  # the highlighted candidate in full: the values column may be cut
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -51,20 +52,45 @@ class TuningScreen(Screen):
         # verdict_lines is Rich markup with every plan string escaped (safetext.markup)
         self.query_one("#tuning-bar", Static).update(
             RichText("\n").join([head, *(RichText.from_markup(line) for line in verdict_lines(tuning))]))
+        self._fill()
+        self.query_one(DataTable).focus()
+
+    def on_resize(self) -> None:
+        self._fill()
+
+    def _fill(self) -> None:
+        """The table laid out for the screen's width: the task bars narrow (8 down to 3
+        cells) before the values column is cut."""
         table = self.query_one(DataTable)
+        at = table.cursor_row
         tasks = list(next((r.losses for r in self.rows if r.score is not None), {}))
+        labels = short_names(list(dict.fromkeys(k for r in self.rows for k in r.assignment)))
+        values = [" ".join(f"{labels[k]}={_short(v)}" for k, v in r.assignment.items()) or "(recipe as written)"
+                  for r in self.rows]
+        want = max([len("values"), *map(len, values)])
+        spare = self.size.width - 4 - 7 - want - 2 * (3 + len(tasks)) - 2  # padding 2 per column, scrollbar
+        width = max(3, min(8, spare // len(tasks))) if tasks else 8
+        table.clear(columns=True)
         table.add_column("#", key="id", width=4)
         table.add_column("score", key="score", width=7)
         for t in tasks:
-            table.add_column(text(fit(t, 8)), key=f"task:{t}", width=8)
-        table.add_column("values", key="values")
-        labels = short_names(list(dict.fromkeys(k for r in self.rows for k in r.assignment)))
-        for r in self.rows:
+            table.add_column(text(fit(t, width)), key=f"task:{t}", width=width)
+        table.add_column("values", key="values", width=want)  # set: a rebuilt table kept the header's width
+        for r, v in zip(self.rows, values):
             score = "failed" if r.score is None else f"{r.score:.4f}"
-            values = " ".join(f"{labels[k]}={_short(v)}" for k, v in r.assignment.items()) or "(recipe as written)"
             table.add_row(("●" if r.chosen else " ") + str(r.id), score,
-                          *[bar(r.gains.get(t)) for t in tasks], text(values), key=str(r.id))
-        table.focus()
+                          *[bar(r.gains.get(t), width) for t in tasks], text(v), key=str(r.id))
+        if self.rows:
+            table.move_cursor(row=min(at, len(self.rows) - 1))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if not (0 <= event.cursor_row < len(self.rows)):
+            return
+        r = self.rows[event.cursor_row]
+        values = ", ".join(f"{k}={_short(v)}" for k, v in r.assignment.items()) or "the recipe as written"
+        losses = " ".join(f"{t} {v:.4f}" for t, v in r.losses.items() if isinstance(v, (int, float)))
+        self.query_one("#tuning-row", Static).update(
+            text(f"#{r.id}: {values}" + (f" · loss {losses}" if losses else "")))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         # Enter on the table is the table's "select" (it has the focus); it means pick here.
