@@ -156,3 +156,20 @@ def test_show_prints_a_deep_models_layers_as_plain_columns_with_every_value(tmp_
         if not boxed:
             assert part[1].split() == ["layer", "math", "code"]
             assert len({len(ln) for ln in part[2:]}) == 1  # right-aligned columns: equal widths
+
+
+def test_diff_says_which_part_of_a_models_fingerprint_differs(tmp_path):
+    """It printed `fingerprint: differs -> differs`; now one row per differing part, with
+    its size and a short hash on each side."""
+    a, b = tmp_path / "a.plan", tmp_path / "b.plan"
+    pa, pb = make_plan(layers=2), make_plan(layers=2)
+    pa.models[1].fingerprint = {"shards": [{"file": "m.safetensors", "size": 10}], "tensor_sha256": b"\1" * 64}
+    pb.models[1].fingerprint = {"shards": [{"file": "m.safetensors", "size": 10}], "tensor_sha256": b"\2" * 64}
+    write_plan(pa, a)
+    write_plan(pb, b)
+    out = _diff(a, b)
+    line = next(ln for ln in out.splitlines() if "fingerprint" in ln)
+    assert line.startswith("model math  fingerprint.tensor_sha256: 64 bytes ") and "differs" not in out
+    old, new = line.split(": ", 1)[1].split(" -> ")
+    assert old != new and new.startswith("64 bytes ")
+    assert "fingerprint.shards" not in out  # the same on both sides

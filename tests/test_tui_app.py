@@ -338,6 +338,9 @@ def test_diff_screen_fits_60_columns_and_names_what_apply_recomputes(tmp_path):
             assert len(change) == 2 and all(len(ln.rstrip()) <= 60 for ln in change)
             assert change[0].split()[-4:] == ["density", "0.6", "->", "0.4"], change
             assert change[1].split()[-5:] == ["mask.digest", "00000000", "->", "at", "apply"], change
+            # The name column gives way at 60 columns; the line under the table has it whole.
+            row = str(app.screen.query_one("#diff-row").render())
+            assert row == "model.layers.0.self_attn.q_proj.weight [math] density: 0.6 -> 0.4", row
             await pilot.press("t")  # the other plan: the label is its path
             await pilot.pause()
             bar = str(app.screen.query_one("#diff-bar").render())
@@ -740,3 +743,25 @@ def test_values_set_in_a_saved_session_are_marked_when_the_plan_is_reopened(tmp_
     # The review_plan's own log entry sets up_proj's weight to 1.1, which it is not: no mark.
     marks, _, _ = run(go(["v"]))
     assert marks == {}
+
+
+def test_enter_on_the_1d_tick_applies_instead_of_unticking(tmp_path):
+    path = write(tmp_path, _with_post_norms())
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("space", "down", *["right"] * 7, "e")  # L0 q .. L1 down, across "post"
+            s = app.screen
+            s.query_one("#field").value = "weight"
+            s.query_one("#value").value = "0.9"
+            s.query_one("#vectors").focus()
+            await pilot.press("space")
+            assert s.query_one("#vectors").value
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, GridScreen)  # applied and closed
+            return app.editor
+
+    ed = run(go())
+    assert len(ed.pending()) == 16  # the 14 projections and the 2 norms the tick took in

@@ -236,10 +236,10 @@ async def _visit_every_screen(path: str, other: str, size: tuple[int, int]) -> N
         await pilot.press("y")
         await pilot.pause()
         assert app.pending_count == 0 and app.editor.path == target
-        assert (f"saved 1 edits to {target}", False) in told
+        assert (f"saved 1 edit to {target}", False) in told
         await pilot.pause()
         screen = check_screen(app)  # the toast is on screen
-        assert "saved 1 edits to" in screen and target in app.sub_title
+        assert "saved 1 edit to" in screen and target in app.sub_title
 
         # Quit with an unsaved edit asks; No keeps the review open.
         await pilot.press("e")  # another edit, left unsaved

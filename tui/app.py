@@ -269,7 +269,7 @@ class ReviewApp(App[int]):
             return False
         self.session.saved_once = True
         self.session.file_digest = digest
-        self.plan_changed(f"saved {n} edits to {self.editor.path}")
+        self.plan_changed(f"saved {n} edit{'' if n == 1 else 's'} to {self.editor.path}")
         self._broadcast(StatusChanged)
         return True
 

@@ -13,4 +13,4 @@ COMMON = [
 
 # The overview, diff and tuning screens are modes beside the grid: Esc goes back to it, as
 # it does from a tensor's detail.
-BACK = Binding("escape", "app.switch_mode('grid')", "Grid", show=False, tooltip="back to the grid")
+BACK = Binding("escape", "app.switch_mode('grid')", "Grid", tooltip="back to the grid")

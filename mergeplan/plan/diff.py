@@ -106,6 +106,19 @@ def _tensor_rows(a: TensorPlan, b: TensorPlan) -> list[DiffRow]:
     return rows
 
 
+def _fp_part(v: Any) -> str | None:
+    """A fingerprint part as a reader can compare it: its size and a short hash."""
+    if v is None:
+        return None
+    from .canonical import sha256
+
+    try:
+        h = sha256(v)[:8]
+    except TypeError:  # not a plan value (a hand-made plan): its type is enough
+        return type(v).__name__
+    return f"{len(v)} entries {h}" if isinstance(v, list) else f"{len(v)} bytes {h}" if isinstance(v, bytes) else h
+
+
 def diff_plans(a: Plan, b: Plan) -> list[DiffRow]:
     rows: list[DiffRow] = []
     for f in ("method", "seed", "out_dtype", "params", "guides", "calibration", "max_shard_size", "aux_files"):
@@ -122,8 +135,10 @@ def diff_plans(a: Plan, b: Plan) -> list[DiffRow]:
         for f in ("role", "path", "hub"):
             if not _same(getattr(x, f), getattr(y, f)):
                 rows.append(DiffRow(f"model {mid}", mid, f, getattr(x, f), getattr(y, f)))
-        if not _same(x.fingerprint, y.fingerprint):
-            rows.append(DiffRow(f"model {mid}", mid, "fingerprint", "differs", "differs"))
+        fx, fy = x.fingerprint or {}, y.fingerprint or {}
+        for k in sorted(set(fx) | set(fy), key=str):  # which part: shard files, tensor table, digests
+            if not _same(fx.get(k), fy.get(k)):
+                rows.append(DiffRow(f"model {mid}", mid, f"fingerprint.{k}", _fp_part(fx.get(k)), _fp_part(fy.get(k))))
     tb = {t.name: t for t in b.tensors}
     seen = set()
     for t in a.tensors:

@@ -124,10 +124,18 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+class _Tick(Checkbox, inherit_bindings=False):
+    """A checkbox that Space toggles and Enter leaves to the dialog, which applies: the
+    button says `Apply (Enter)`, and a tick then Enter used to untick instead."""
+
+    BINDINGS = [Binding("space", "toggle_button", "Toggle", show=False)]
+
+
 class EditScreen(ModalScreen["EditRequest | None"]):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", tooltip="close without changing anything"),
         Binding("ctrl+s", "apply", "Apply", tooltip="apply (as Enter in any field)"),
+        Binding("enter", "apply", "Apply", show=False, tooltip="apply (as Enter in any field)"),  # the 1-D tick too
     ]
 
     def __init__(self, editor: PlanEditor, gm: GridModel, fields: list[str], prefill: Prefill):
@@ -161,7 +169,7 @@ class EditScreen(ModalScreen["EditRequest | None"]):
                 yield Label("Value")
                 yield Input(p.value, placeholder=_HINT[p.action], compact=True, id="value")
                 yield Label("1-D")
-                yield Checkbox("also norm weights and biases", p.vectors, compact=True, id="vectors")
+                yield _Tick("also norm weights and biases", p.vectors, compact=True, id="vectors")
             yield Static("", id="edit-preview")
             yield Static("", id="edit-error")
             with Horizontal(classes="dialog-buttons"):

@@ -114,7 +114,9 @@ class GridScreen(Screen):
             bar.append("█", style=colour)
         # The marks tersely (the help and docs/review.md spell them out), so that at 60
         # columns they fit after the scale: `*` unsaved edit, `+` set in a saved review.
-        bar.append(f" {scale[1]:.3g}  *edited")
+        bar.append(f" {scale[1]:.3g}")
+        if self.session.pending_count:
+            bar.append("  *edited")
         if self.gm.has_hand_edits:
             bar.append("  +saved")
         if pending:

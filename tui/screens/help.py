@@ -67,8 +67,9 @@ class HelpScreen(ModalScreen[None]):
         for k, d in _NAVIGATION:
             add_row(nav, k, d)
         parts.append(section("Navigation", nav))
-        parts.append(Text("Cells marked * differ from the plan as loaded; underlined cells are marked for editing.",
-                          style="dim"))
+        parts.append(Text("Cell marks: * an edit not saved yet; + a value set by hand in a saved review (the "
+                          "plan's edit log); ? a statistic an edit made stale, known at apply. Underlined cells "
+                          "are marked for editing.", style="dim"))
         return Group(*parts)
 
     def action_close(self) -> None:
