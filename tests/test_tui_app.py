@@ -477,6 +477,15 @@ def test_box_edit_over_the_projections_leaves_the_norm_between_them(tmp_path):
     assert len(ed.pending()) == 14
 
 
+async def _weight_edit_of_a_box_across_a_norm(app, pilot):
+    """Mark L0 q .. L1 down (across the `post` norm column), open the edit dialog on weight."""
+    await pilot.press("space", "down", *["right"] * 7, "e")
+    s = app.screen
+    s.query_one("#field").value = "weight"
+    await pilot.pause()
+    return s
+
+
 def test_ticking_1d_takes_in_the_norms_of_a_box_and_grid_labels_name_components(tmp_path):
     """The box's components include its norm columns, so the 1-D tick takes them in (it did
     nothing when the prefill dropped them); the preview says how many it leaves out until
@@ -486,10 +495,7 @@ def test_ticking_1d_takes_in_the_norms_of_a_box_and_grid_labels_name_components(
     async def go():
         app = make_app(str(path), model_checker=fixed_status)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("space", "down", *["right"] * 7, "e")  # L0 q .. L1 down, across "post"
-            s = app.screen
-            s.query_one("#field").value = "weight"
-            await pilot.pause()
+            s = await _weight_edit_of_a_box_across_a_norm(app, pilot)
             preview = str(s.query_one("#edit-preview").render())
             assert "weight of 14 tensors (q, k, v, o, gate, up, down) x 1 model; 2 1-D tensors left out" in preview
             s.query_one("#vectors").value = True
@@ -751,9 +757,7 @@ def test_enter_on_the_1d_tick_applies_instead_of_unticking(tmp_path):
     async def go():
         app = make_app(str(path), model_checker=fixed_status)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("space", "down", *["right"] * 7, "e")  # L0 q .. L1 down, across "post"
-            s = app.screen
-            s.query_one("#field").value = "weight"
+            s = await _weight_edit_of_a_box_across_a_norm(app, pilot)
             s.query_one("#value").value = "0.9"
             s.query_one("#vectors").focus()
             await pilot.press("space")
