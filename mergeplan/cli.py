@@ -66,7 +66,7 @@ def _device(name: str):
 
 @app.command()
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit config plus mergeplan's keys).")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML (mergekit config plus mergeplan's keys).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Plan file to write.")],
     model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a recipe model lives on this machine.")] = None,
     device: Annotated[str, typer.Option(help="Calibration device: auto, cpu, cuda, cuda:N, mps.")] = "auto",
@@ -154,7 +154,7 @@ def _check_plan_output(output: Path, force: bool) -> None:
 @app.command()
 def apply(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file from `mergeplan plan`.")],
-    out_dir: Annotated[Path, typer.Argument(help="Output directory (must not exist unless --force).")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Output directory (must not exist unless --force).")],
     model: Annotated[Optional[list[str]], typer.Option("--model", help="NAME=PATH: where a plan model lives on this machine.")] = None,
     threads: Annotated[int, typer.Option(help="Tensors merged in parallel (each on one core).")] = max(1, os.cpu_count() or 1),
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,

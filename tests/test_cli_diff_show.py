@@ -92,6 +92,10 @@ def test_every_command_takes_h_and_flags_print_as_flags(capsys):
         assert code == 0 and "Usage" in out and "-h, --help" in out, cmd
         # A boolean option is a flag: no value to type, no --no-X twin (`--force / --no-force`).
         assert "<bool>" not in out and "BOOLEAN" not in out and " / --no-" not in out, (cmd, out)
+        # Arguments are named in capitals, as the README writes them (it printed {out_dir}).
+        usage = out.split("Usage:", 1)[1].splitlines()[0]
+        args = usage.split("[OPTIONS]", 1)[1]
+        assert args == args.upper(), (cmd, usage)
     code, out, _ = run_cli(capsys, "show", "-h")
     assert "--json " in out and "--tensors " in out
 
