@@ -769,3 +769,26 @@ def test_enter_on_the_1d_tick_applies_instead_of_unticking(tmp_path):
 
     ed = run(go())
     assert len(ed.pending()) == 16  # the 14 projections and the 2 norms the tick took in
+
+
+def test_a_confirm_dialog_lists_esc_and_esc_answers_no(tmp_path):
+    from test_tui_hostile import screen_text
+
+    path = write(tmp_path)
+    other = write(tmp_path, name="other.plan")
+
+    async def go():
+        app = make_app(str(path), model_checker=fixed_status)
+        async with app.run_test(size=(60, 20)) as pilot:
+            await pilot.press("e", "0", ".", "4", "enter", "S")
+            app.screen.query_one("#path").value = str(other)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            assert screen_text(app).splitlines()[-1].strip() == "y Yes n No esc Cancel"
+            await pilot.press("escape")
+            await pilot.pause()
+            assert isinstance(app.screen, GridScreen) and app.pending_count == 1  # nothing written
+
+    run(go())
+    assert read_plan(other).tensor("model.layers.0.self_attn.q_proj.weight").contribution("math").density != 0.4

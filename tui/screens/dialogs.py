@@ -17,7 +17,7 @@ class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n", "answer(False)", "No"),
-        Binding("escape", "answer(False)", "Cancel"),
+        Binding("escape", "cancel", "Cancel"),  # its own action: the footer shows one key per action
     ]
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
@@ -45,6 +45,9 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
 
 
 class QuitScreen(ModalScreen["str | None"]):
