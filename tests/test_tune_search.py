@@ -286,6 +286,14 @@ def test_show_prints_the_candidates_and_the_verdict(grid_run, capsys):
     assert json.loads(out)["tuning"]["chosen"] == t["chosen"]
 
 
+async def _open_tuning(app, pilot):
+    from mergeplan_tui.screens.tuning import TuningScreen
+
+    await pilot.press("T")
+    await pilot.pause()
+    assert isinstance(app.screen, TuningScreen)
+
+
 def test_review_lists_the_candidates_and_picks_another(grid_run, tmp_path):
     """T opens the candidates, best first with the chosen one marked; Enter on another and
     yes writes that candidate's plan beside the reviewed one."""
@@ -293,7 +301,6 @@ def test_review_lists_the_candidates_and_picks_another(grid_run, tmp_path):
     import shutil
 
     from mergeplan_tui.app import make_app
-    from mergeplan_tui.screens.tuning import TuningScreen
     from textual.widgets import DataTable
 
     _, plan_path, _ = grid_run
@@ -305,9 +312,7 @@ def test_review_lists_the_candidates_and_picks_another(grid_run, tmp_path):
     async def drive():
         app = make_app(str(local), model_checker=lambda ref: "found")
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("T")
-            await pilot.pause()
-            assert isinstance(app.screen, TuningScreen)
+            await _open_tuning(app, pilot)
             table = app.screen.query_one(DataTable)
             ids = [int(str(table.get_row_at(i)[0]).strip("● ")) for i in range(table.row_count)]
             assert ids == [c["id"] for c in order]
@@ -399,7 +404,6 @@ def test_a_hostile_tuning_record_prints_literally_and_never_crashes(tmp_path, ca
 
     from mergeplan.plan import write_plan
     from mergeplan_tui.app import make_app
-    from mergeplan_tui.screens.tuning import TuningScreen
     from plan_factory import make_plan
 
     plan = make_plan(layers=2, models=("math", "code"))
@@ -413,9 +417,7 @@ def test_a_hostile_tuning_record_prints_literally_and_never_crashes(tmp_path, ca
     async def drive():
         app = make_app(str(path), model_checker=lambda ref: "found")
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("T")
-            await pilot.pause()
-            assert isinstance(app.screen, TuningScreen)
+            await _open_tuning(app, pilot)
             await pilot.press("enter")  # the chosen one: nothing to re-plan
             await pilot.pause()
             return app.is_running
