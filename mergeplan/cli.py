@@ -115,7 +115,7 @@ def _tuned_plan(rec, opts, quiet: bool):
     if not quiet:
         err.print(candidates_table(plan.tuning))
         for line in verdict_lines(plan.tuning):
-            err.print(line)
+            err.print(line, emoji=False)
     return plan
 
 

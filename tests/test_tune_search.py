@@ -383,7 +383,7 @@ def test_grid_on_a_shared_study_visits_each_point_once(tiny_family, tmp_path, ca
 
 
 HOSTILE_TUNING = {
-    "objective": {"kind": "[bold red]loss[/]", "direction": "minimize", "describe": "[@click=app.quit]x[/]"},
+    "objective": {"kind": "[bold red]loss[/] :fire:", "direction": "minimize", "describe": "[@click=app.quit]x[/]"},
     "strategy": "[blink]grid",
     "chosen": 1,
     "candidates": [
@@ -413,6 +413,7 @@ def test_a_hostile_tuning_record_prints_literally_and_never_crashes(tmp_path, ca
     code, out, err = run_cli(capsys, "show", path)
     assert code == 0, err
     assert "[bold red]loss[/]" in out and "[@click=app.quit]" in out
+    assert ":fire:" in out and "\U0001f525" not in out  # an emoji code is text, not a glyph
 
     async def drive():
         app = make_app(str(path), model_checker=lambda ref: "found")

@@ -37,8 +37,6 @@ class LogitBook:
         earlier = [o for o in self.partners(m, d) if self.rank[o] < self.rank[m]]
         later = {o for o in self.partners(m, d) if self.rank[o] > self.rank[m]}
         cs = self.sets[d]
-        offsets = np.cumsum([0] + [len(s) for s in cs.samples])
-        starts: list[int] = []
         key = (m, d)
         state = {"row": 0}
 
@@ -48,14 +46,13 @@ class LogitBook:
             n = logits.shape[0]
             start = state["row"]
             if later and not self.store.has(key):
-                self.store.create(key, int(offsets[-1]), logits.shape[-1])
+                self.store.create(key, cs.tokens, logits.shape[-1])
             for o in earlier:
                 k = (o, m, d) if self.rank[o] < self.rank[m] else (m, o, d)
                 self.dsum[k] = self.dsum.get(k, 0.0) + distance_sum(logits, self.store.read((o, d), start, start + n))
             if later:
                 self.store.write(key, start, logits)
             state["row"] = start + n
-            starts.append(start)
 
         def done() -> None:
             if later:

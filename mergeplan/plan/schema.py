@@ -36,7 +36,7 @@ MAX_PATH = 4096  # PATH_MAX on Linux
 MAX_DEPTH = 24  # nesting of free-form values (params, stats, ...); real plans use 4
 MAX_NDIM = 16
 MAX_NUMEL = 2**48  # elements of one tensor or array (512 TiB of bf16); keeps sizes in int64
-# methods.masks.KINDS, spelt again to keep plan/ free of torch (a test checks they agree)
+# methods.spec.KINDS, spelt again to keep plan/ free of method code (a test checks they agree)
 MASK_KINDS = ("magnitude", "bernoulli", "breadcrumbs", "della", "nm")
 ARRAY_DTYPES = frozenset({"<f4", "<f8", "<f2", "<i4", "<i8", "<u4", "|u1", "|b1"})
 

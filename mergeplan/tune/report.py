@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
-from mergeplan.safetext import markup
+from mergeplan.safetext import markup, text
 
 TOP = 10  # candidates listed; the rest are counted
 
@@ -85,6 +86,12 @@ def bar(fraction: float | None, width: int = 8) -> str:
     return s.ljust(width)
 
 
+def _cell(x: Any) -> Text:
+    """A table cell from the record: Text, which Rich prints literally (a markup string
+    would still turn a plan's ":fire:" into an emoji)."""
+    return Text("-") if x is None else Text(f"{x:.4f}") if isinstance(x, float) else text(str(x))
+
+
 def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
     obj = _map(tuning.get("objective"))
     rows = candidate_rows(tuning)
@@ -92,20 +99,20 @@ def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
     tasks = list(next((r.losses for r in scored), {}))
     dims = list(dict.fromkeys(k for r in rows for k in r.assignment))
     short = short_names(dims)
-    t = Table(title=f"tuning: {markup(str(obj.get('describe', obj.get('kind', ''))))}; "
-                    f"{len(rows) - 1} candidate(s) and the recipe as written (#0)",
+    # Every string from the record goes in as Text: headers, cells and the title.
+    t = Table(title=Text.assemble("tuning: ", text(str(obj.get("describe", obj.get("kind", "")))),
+                                  f"; {len(rows) - 1} candidate(s) and the recipe as written (#0)"),
               title_justify="left")
     t.add_column("#", justify="right", no_wrap=True)
-    t.add_column(markup(str(obj.get("kind", "score"))).replace("_", " "), justify="right")
+    t.add_column(text(str(obj.get("kind", "score")).replace("_", " ")), justify="right")
     for d in dims:
-        t.add_column(markup(short[d]), justify="right")
+        t.add_column(text(short[d]), justify="right")
     for task in tasks:
-        t.add_column(f"{markup(task)}", justify="right")
+        t.add_column(text(task), justify="right")
     for r in scored[:top]:
-        mark = "[bold green]>[/]" if r.chosen else ""
-        t.add_row(f"{mark}{r.id}", _fmt(r.score),
-                  *[_fmt(r.assignment[d]) if d in r.assignment else "-" for d in dims],
-                  *[_fmt(r.losses.get(k)) for k in tasks])
+        t.add_row(Text.assemble((">", "bold green") if r.chosen else "", str(r.id)), _cell(r.score),
+                  *[_cell(r.assignment[d]) if d in r.assignment else Text("-") for d in dims],
+                  *[_cell(r.losses.get(k)) for k in tasks])
     failed = len(rows) - len(scored)
     t.caption = f"> chosen; task columns: held-out loss; {max(0, len(scored) - top)} more scored, {failed} failed"
     return t

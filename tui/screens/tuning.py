@@ -51,7 +51,7 @@ class TuningScreen(Screen):
                     f"is better) · {tuning.get('strategy', '?')} · bars: expert's gain recovered")
         # verdict_lines is Rich markup with every plan string escaped (safetext.markup)
         self.query_one("#tuning-bar", Static).update(
-            RichText("\n").join([head, *(RichText.from_markup(line) for line in verdict_lines(tuning))]))
+            RichText("\n").join([head, *(RichText.from_markup(line, emoji=False) for line in verdict_lines(tuning))]))
         self._fill()
         self.query_one(DataTable).focus()
 
