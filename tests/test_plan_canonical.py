@@ -177,3 +177,28 @@ def test_a_buffer_that_can_change_is_read_from_a_copy():
     with pytest.raises(PlanFormatError, match="digest does not match"):
         decode_plan_with_digest(buf)
     buf.extend(b"x")  # no view of it is left behind (BufferError when one is)
+
+
+def test_bits_that_do_not_fit_the_shape_are_not_unpacked_to_its_size():
+    """A crafted plan's 1 byte of mask bits on a 2^30-element tensor made show and the
+    review allocate gigabytes (the size came from the shape); such bits are not read."""
+    import time
+
+    from mergeplan.plan import Contribution, TensorPlan
+    from mergeplan.plan import view
+
+    t = TensorPlan("model.layers.0.mlp.up_proj.weight", (32768, 32768), "bfloat16",
+                   contributions=[Contribution("m", 1.0, {"kind": "magnitude", "density": 0.5, "bits": b"\xff"})])
+    t0 = time.perf_counter()
+    assert view.mask_bits(t.contributions[0].mask, view.numel(t)) is None
+    assert view.kept(t, t.contributions[0]).how != "exact"
+    assert time.perf_counter() - t0 < 1
+    ok = TensorPlan("x.weight", (3, 3), "float32",
+                    contributions=[Contribution("m", 1.0, {"kind": "magnitude", "density": 0.5, "bits": b"\xf0\x00"})])
+    assert view.kept(ok, ok.contributions[0]).value == 4 / 9
+
+
+def test_a_vocabulary_record_without_rows_is_a_problem_not_a_crash():
+    from mergeplan.plan.rows import record_problem
+
+    assert record_problem((10, 4), {"source": "union", "rows": {}}, []) is not None

@@ -192,3 +192,25 @@ def test_a_study_that_cannot_open_is_one_line_without_retries(tmp_path, monkeypa
     with pytest.raises(Exception, match=r"tune.storage 'nope://x': cannot open the study \(ValueError: bad url\)"):
         make_asker(DIMS[:1], "random", 0, "maximize", storage="nope://x", study="s", budget=1)
     assert calls == [1]
+
+
+def test_a_record_with_thousands_of_keys_prints_a_bounded_table():
+    """A crafted tuning record with 3,000 searched keys and tasks made `show` spend seconds
+    to minutes (quadratic short names, one Rich column each); the table keeps 12 of each."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from mergeplan.tune.report import MAX_COLUMNS, candidates_table
+
+    tuning = {"objective": {"kind": "loss"}, "chosen": 0, "candidates": [
+        {"id": 0, "assignment": {}, "score": 1.0, "tasks": {f"t{i}": {"loss": 1.0} for i in range(3000)}},
+        {"id": 1, "assignment": {f"guides.g{j}.x": 0.1 for j in range(3000)}, "score": 1.0, "tasks": {}}]}
+    t0 = time.perf_counter()
+    table = candidates_table(tuning)
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(table)
+    assert time.perf_counter() - t0 < 2
+    assert len(table.columns) == 2 + 2 * MAX_COLUMNS
+    assert f"{2 * (3000 - MAX_COLUMNS)} more column(s) left out" in buf.getvalue()

@@ -20,7 +20,7 @@ def record_problem(shape: Sequence[int], rec: Any, models: Sequence[str]) -> str
     """Why `rec` is not a vocabulary record this mergeplan writes for a tensor of `shape`
     read from `models`, or None when it is one."""
     ok = (isinstance(rec, dict) and rec.get("source") in SOURCES and isinstance(rec.get("rows"), dict)
-          and set(rec["rows"]) == set(models) and len(shape) >= 1
+          and rec["rows"] and set(rec["rows"]) == set(models) and len(shape) >= 1
           and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_ROWS for v in rec["rows"].values()))
     if ok:
         out = int(shape[0])

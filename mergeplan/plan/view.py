@@ -119,8 +119,12 @@ def aim_mean(relax: dict[str, Any] | None) -> float | None:
 # -- masks -------------------------------------------------------------------------------
 def mask_bits(mask: dict[str, Any] | None, n: int) -> np.ndarray | None:
     """An explicit (edited) mask's bits as a flat bool array (masks.pack_bits' layout:
-    np.packbits, big-endian bit order); None for recipe masks and dense contributions."""
+    np.packbits, big-endian bit order); None for recipe masks and dense contributions, and
+    for bits that do not hold n values: the size comes from the plan's shape, and a crafted
+    plan (1 byte of bits for a 2^30-element shape) made show allocate gigabytes."""
     if not mask or "bits" not in mask:
+        return None
+    if not isinstance(mask["bits"], bytes) or len(mask["bits"]) != (n + 7) // 8:
         return None
     return np.unpackbits(np.frombuffer(mask["bits"], dtype=np.uint8), count=n, bitorder="big").astype(bool)
 

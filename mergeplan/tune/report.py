@@ -12,6 +12,9 @@ from rich.text import Text
 from mergeplan.safetext import markup, text
 
 TOP = 10  # candidates listed; the rest are counted
+# Columns for searched values and for tasks, each: a search varies a handful, but a crafted
+# record with thousands of keys made `show` spend minutes in short_names and Rich's layout.
+MAX_COLUMNS = 12
 
 
 def _map(x: Any) -> dict:
@@ -96,8 +99,9 @@ def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
     obj = _map(tuning.get("objective"))
     rows = candidate_rows(tuning)
     scored = [r for r in rows if r.score is not None]
-    tasks = list(next((r.losses for r in scored), {}))
-    dims = list(dict.fromkeys(k for r in rows for k in r.assignment))
+    all_tasks = list(next((r.losses for r in scored), {}))
+    all_dims = list(dict.fromkeys(k for r in rows for k in r.assignment))
+    tasks, dims = all_tasks[:MAX_COLUMNS], all_dims[:MAX_COLUMNS]
     short = short_names(dims)
     # Every string from the record goes in as Text: headers, cells and the title.
     t = Table(title=Text.assemble("tuning: ", text(str(obj.get("describe", obj.get("kind", "")))),
@@ -114,7 +118,9 @@ def candidates_table(tuning: dict[str, Any], top: int = TOP) -> Table:
                   *[_cell(r.assignment[d]) if d in r.assignment else Text("-") for d in dims],
                   *[_cell(r.losses.get(k)) for k in tasks])
     failed = len(rows) - len(scored)
-    t.caption = f"> chosen; task columns: held-out loss; {max(0, len(scored) - top)} more scored, {failed} failed"
+    cut = len(all_dims) - len(dims) + len(all_tasks) - len(tasks)
+    t.caption = (f"> chosen; task columns: held-out loss; {max(0, len(scored) - top)} more scored, {failed} failed"
+                 + (f"; {cut} more column(s) left out" if cut else ""))
     return t
 
 

@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from mergeplan.tune.report import bar, candidate_rows, short_names, verdict_lines
+from mergeplan.tune.report import MAX_COLUMNS, bar, candidate_rows, short_names, verdict_lines
 
 from ..keys import BACK, COMMON
 from ..richtext import fit, tell, text
@@ -63,10 +63,11 @@ class TuningScreen(Screen):
         cells) before the values column is cut."""
         table = self.query_one(DataTable)
         at = table.cursor_row
-        tasks = list(next((r.losses for r in self.rows if r.score is not None), {}))
-        labels = short_names(list(dict.fromkeys(k for r in self.rows for k in r.assignment)))
-        values = [" ".join(f"{labels[k]}={_short(v)}" for k, v in r.assignment.items()) or "(recipe as written)"
-                  for r in self.rows]
+        tasks = list(next((r.losses for r in self.rows if r.score is not None), {}))[:MAX_COLUMNS]
+        keys = list(dict.fromkeys(k for r in self.rows for k in r.assignment))[:MAX_COLUMNS]  # see MAX_COLUMNS
+        labels = short_names(keys)
+        values = [" ".join(f"{labels[k]}={_short(v)}" for k, v in r.assignment.items() if k in labels)
+                  or "(recipe as written)" for r in self.rows]
         want = max([len("values"), *map(len, values)])
         spare = self.size.width - 4 - 7 - want - 2 * (3 + len(tasks)) - 2  # padding 2 per column, scrollbar
         width = max(3, min(8, spare // len(tasks))) if tasks else 8
