@@ -455,3 +455,25 @@ def test_loss_weights_must_name_a_held_out_task(tiny_family, tmp_path, capsys):
     code, _, err = run_cli(capsys, "plan", _recipe(tmp_path, tiny_family, tune), "-o", tmp_path / "x.plan", "-q")
     assert code != 0 and "weigh at least one of them" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_pick_refuses_a_forged_candidate_outside_the_recipes_space(grid_run, tmp_path, capsys):
+    """A received plan's tuning record is untrusted: a candidate whose values the recipe's
+    tune.space does not offer (another method, an unsearched parameter) is not re-planned
+    under that candidate's name and scores. The plan is re-signed, as an attacker would."""
+    from mergeplan.plan import write_plan
+
+    recipe, plan_path, _ = grid_run
+    tuned = read_plan(plan_path)
+    cid = next(c["id"] for c in tuned.tuning["candidates"] if c["id"] not in (0, tuned.tuning["chosen"]))
+    key = next(iter(next(c for c in tuned.tuning["candidates"] if c["id"] == cid)["assignment"]))
+    for forged, needle in (({key: 123.456}, "outside the recipe's tune.space"),
+                           ({"merge_method": "linear"}, "does not search")):
+        t = dict(tuned.tuning)
+        t["candidates"] = [dict(c, assignment=forged) if c["id"] == cid else c for c in t["candidates"]]
+        tuned.tuning = t
+        bad = tmp_path / "forged.plan"
+        write_plan(tuned, bad)
+        code, _, err = run_cli(capsys, "pick", bad, str(cid), "-o", tmp_path / "x.plan", "--recipe", recipe)
+        assert code != 0 and needle in err and "corrupt or hostile" in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.plan").exists()

@@ -53,6 +53,7 @@ def pick(plan: Plan, cid: int, recipe_path: str | Path | None = None, remap: dic
                              "give that recipe with --recipe PATH")
     if {m.name for m in recipe.all_models} != {m.id for m in plan.models}:
         raise MergeplanError(f"{rpath}: its models are not the plan's ({', '.join(m.id for m in plan.models)})")
+    _check_assignment(recipe, c["assignment"], cid)
     paths = model_paths(plan, dict(remap or {}), plan_path)
     new = build_plan(recipe.with_assignment(dict(c["assignment"])),
                      PlanOptions(device=device, threads=threads, quiet=quiet,
@@ -76,3 +77,26 @@ def pick(plan: Plan, cid: int, recipe_path: str | Path | None = None, remap: dic
                      "its test-split score was not measured (mergeplan eval measures it)")
     new.edit_log = list(plan.edit_log)
     return new
+
+
+def _check_assignment(recipe, assignment: dict[str, Any], cid: int) -> None:
+    """The candidate's values must be ones the recipe's `tune.space` offers: the record is
+    part of a received plan, and a forged one could otherwise re-plan any value the schema
+    allows (another method, any parameter) under candidate #cid's name and scores."""
+    from mergeplan.tune.space import values
+
+    dims = {d.path: d for d in (recipe.tune.dimensions() if recipe.tune else [])}
+    for path, v in assignment.items():
+        d = dims.get(path)
+        if d is None:
+            raise MergeplanError(f"candidate #{cid} sets {path!r}, which the recipe's tune.space does not search; "
+                                 "the plan's tuning record is corrupt or hostile")
+        finite = values(d)
+        if finite is not None:
+            ok = any(type(v) is type(x) and v == x for x in finite)
+        else:
+            kind_ok = isinstance(v, int) if d.kind == "int" else isinstance(v, (int, float))
+            ok = kind_ok and not isinstance(v, bool) and float(d.low) <= v <= float(d.high)
+        if not ok:
+            raise MergeplanError(f"candidate #{cid} sets {path} to {v!r}, outside the recipe's tune.space; "
+                                 "the plan's tuning record is corrupt or hostile")
