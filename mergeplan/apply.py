@@ -263,8 +263,7 @@ def _whole(plan: Plan, tp, dirs: dict[str, ModelDir], device: torch.device, base
     base = dirs[base_id].read(tp.name, device) if base_id else None
     tensors = [dirs[c.model].read(tp.name, device) for c in tp.contributions]
     if tp.params.get("vocab") is not None:  # a grown vocabulary: the output's rows (vocab.py)
-        ids = ([base_id] if base_id else []) + [c.model for c in tp.contributions]
-        view = vocab.whole_inputs(tp, dirs, dict(zip(ids, ([base] if base_id else []) + tensors)))
+        view = vocab.whole_inputs(tp, dirs, dict(zip(plan.input_models(tp), ([base] if base_id else []) + tensors)))
         base = view[base_id] if base_id else None
         tensors = [view[c.model] for c in tp.contributions]
     if base is not None:

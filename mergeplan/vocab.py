@@ -30,8 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import arch
-from .errors import MergeplanError, PlanFormatError
-from .plan.rows import record_problem
+from .errors import MergeplanError
 
 _ROW_COMPONENTS = ("embed", "lm_head")
 
@@ -118,19 +117,10 @@ def plan_rows(source: str | None, ref_id: str, dirs: Mapping[str, Any], names: S
                 f"{'has it at ' + str(uv[clash[0]]) if clash[0] in uv else 'lacks it'}; tokenizer_source: union "
                 "needs one vocabulary that holds every model's tokens at the same ids (or use tokenizer_source: base)"
             )
-    for n in grown:
-        params[n]["rows"] = {m: shapes[m][n][0] for m in dirs}
     note = (f"vocabulary: tokenizer_source union: {', '.join(grown)} have {top} rows ({top - base_rows} added, "
             f"config and tokenizer from {union}); a model lacking an added row is given the row of the one model "
             "that has it, or the mean of those that do (as mergekit)")
     return params, (union if union != ref_id else None), [note]
-
-
-def check_record(name: str, shape: Sequence[int], rec: Any, models: Sequence[str]) -> None:
-    """A plan's params["vocab"] for one tensor, checked before apply trusts it (plan/rows.py)."""
-    problem = record_problem(shape, rec, models)
-    if problem:
-        raise PlanFormatError(f"{name}: {problem}; the plan is corrupt or hostile: re-plan")
 
 
 # ---- default rows and row views -------------------------------------------------------

@@ -24,7 +24,7 @@ from .fingerprint import ModelChecker, make_checker
 from .gridmodel import GridModel
 from .keys import COMMON
 from .messages import EditRequested, OpenTensor, PlanChanged, StatusChanged
-from .richtext import clean
+from .richtext import clean, tell
 from .session import Session
 
 # Actions that make no sense while a dialog is open (its own keys take precedence).
@@ -92,10 +92,6 @@ class ReviewApp(App[int]):
         return self.session.editor
 
     @property
-    def grid_model(self) -> GridModel:
-        return self.session.grid
-
-    @property
     def pending_count(self) -> int:
         return self.session.pending_count
 
@@ -155,10 +151,9 @@ class ReviewApp(App[int]):
             self.tell(message, timeout=4)
 
     def tell(self, message: str, **kwargs) -> None:
-        """notify() with the message as literal text: messages here quote paths, model ids,
-        tensor names and error text, which notify's default markup would parse (a "[/x]"
-        in a file name raised MarkupError; a "[@click=...]" would make the toast run it)."""
-        self.notify(clean(message, keep_newlines=True), markup=False, **kwargs)
+        """richtext.tell on the app: messages quote paths, model ids, tensor names and
+        error text, shown as literal text."""
+        tell(self, message, **kwargs)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in _APP_ACTIONS and isinstance(self.screen, ModalScreen):

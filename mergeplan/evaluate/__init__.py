@@ -26,7 +26,6 @@ from mergeplan.evaluate.stats import (
     Interval,
     bootstrap_ci,
     mean_gain,
-    mean_loss,
     recovered_gain,
     resample,
     sizes_of,
@@ -36,7 +35,7 @@ from mergeplan.evaluate.stats import (
 
 __all__ = [
     "EvalSet", "Interval", "SampleScores", "bootstrap_ci", "load_eval_sets", "load_merged", "mean_gain",
-    "mean_loss", "merge_in_memory", "parse_data_spec", "recovered_gain", "resample", "score_model", "score_plan",
+    "merge_in_memory", "parse_data_spec", "recovered_gain", "resample", "score_model", "score_plan",
     "sizes_of",
     "task_gain", "task_loss", "texts_set",
 ]

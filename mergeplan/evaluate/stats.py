@@ -84,14 +84,6 @@ def mean_gain(
     return float(out) if out.ndim == 0 else out
 
 
-def mean_loss(scores: Mapping[str, SampleScores], idx: Indices | None = None):
-    """Mean over tasks of each task's loss."""
-    vals = np.stack([np.asarray(task_loss(s, None if idx is None else idx[t]), dtype=np.float64)
-                     for t, s in scores.items()])
-    out = vals.mean(axis=0)
-    return float(out) if out.ndim == 0 else out
-
-
 def resample(sizes: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
     """Bootstrap indices per task, drawn from one seeded generator in task order."""
     rng = np.random.default_rng(seed)

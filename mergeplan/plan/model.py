@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import PlanFormatError
+
 FORMAT_NAME = "mergeplan"
 # 2: fingerprints carry per-tensor and copied-file sha256 digests that apply must check;
 # a v1 reader would ignore them, so v2 plans are refused there rather than half-checked.
@@ -48,7 +50,8 @@ class ModelRef:
         if blob is None:
             return {}
         if not isinstance(blob, (bytes, bytearray)) or len(blob) != DIGEST_SIZE * len(names):
-            raise ValueError(f"model {self.id}: malformed tensor digests in the fingerprint")
+            # The schema checks this on read; a hand-built plan gets the same one-line error.
+            raise PlanFormatError(f"model {self.id}: malformed tensor digests in the fingerprint; re-plan")
         return {n: bytes(blob[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]) for i, n in enumerate(names)}
 
     def file_records(self) -> dict[str, dict[str, Any]]:

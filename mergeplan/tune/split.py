@@ -62,7 +62,7 @@ def load_heldout(recipe, heldout, objective, remap: dict[str, str] | None = None
     calib = recipe.calibration_settings
     calib_sources: dict[str, str] = {}
     if calib is not None:
-        calib_sources = {i: calib.data if isinstance(calib.data, str) else calib.data.get(i) for i in ids}
+        calib_sources = {i: calib.source_for(i) for i in ids}
     if heldout.data is None:
         sources = {t: s for t, s in calib_sources.items() if s}
         if not sources:

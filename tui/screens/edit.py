@@ -19,7 +19,7 @@ from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Stat
 
 from mergeplan.errors import MergeplanError
 from mergeplan.plan.diff import number_span
-from mergeplan.plan.edit import MODEL_FIELDS, PlanEditor, Target, validate_value
+from mergeplan.plan.edit import MODEL_FIELDS, PlanEditor, Target, differs, validate_value
 from mergeplan.plan.names import parse_name
 
 from ..gridmodel import GridModel
@@ -113,7 +113,7 @@ def evaluate(editor: PlanEditor, gm: GridModel, action: str, field: str, layers:
             raise FormError(str(e), f"{what}; now {now}") from None
         summary = f"{what}: {now} -> {number_span([c * v for c in current])}"
     elif action == "reset":
-        differ = sum(editor.planned(t, m, field) != c for (t, m), c in zip(targets, current))
+        differ = sum(differs(editor.planned(t, m, field), c) for (t, m), c in zip(targets, current))
         summary = f"{what}: {differ} differ from the plan as loaded and go back"
     else:
         raise MergeplanError(f"unknown action {action!r}")

@@ -13,6 +13,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from mergeplan.plan import view
+from mergeplan.plan.edit import differs
 
 from ..gridmodel import ROW_EMBED, ROW_HEAD, PALETTE, Quantity
 from ..keys import COMMON
@@ -187,7 +188,7 @@ class GridScreen(Screen):
             if q.field and v is not None:
                 m = model if q.per_model else None
                 planned = self.session.editor.planned(name, m, q.field)
-                if planned != v:
+                if differs(planned, v):  # NaN-aware: a NaN value is not "planned nan" forever
                     text += f" (planned {planned:.4g})"
                 elif self.gm.set_by_hand(name, m, q.field, v):
                     text += " (set by hand in a saved review)"

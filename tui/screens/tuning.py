@@ -128,6 +128,8 @@ class TuningScreen(Screen):
         self.app.call_from_thread(tell, self, f"re-planning with candidate #{cid}...")
         try:
             plan = pick(self.session.plan, cid, plan_path=self.session.editor.path)
+            if out.exists():  # appeared during the minutes of re-planning: never overwritten
+                out = _pick_path(self.session.editor.path, cid)
             write_plan(plan, out)
         except Exception as e:  # a toast, never the end of the review (unsaved edits stay)
             self.app.call_from_thread(tell, self, f"pick failed: {e}", severity="error", timeout=10)
