@@ -248,3 +248,18 @@ def test_model_directories_with_baselines_named_on_the_command_line(tiny_family,
     assert [(m["name"], m["kind"]) for m in rep["models"]] == [("base", "base"), ("code", "fine-tune"),
                                                               ("merged", "merge")]
     assert rep["tasks"]["code"]["expert"] == "code" and rep["tasks"]["legal"]["expert"] is None
+
+
+def test_a_plans_baselines_are_the_models_it_recorded(tiny_family, tmp_path, capsys):
+    """A baseline's directory comes from the plan (a received one names any path): it must
+    be the model the plan recorded before it is scored, as apply's inputs must (the
+    in-memory merge checks every tensor's digest, and runs first). Here the math
+    fine-tune's path leads to the code fine-tune, whose headers are the same."""
+    models = {tiny_family.finetunes[m]: "weight: 0.5, density: 0.5" for m in ("math", "code")}
+    r = family_recipe(tmp_path / "t.yaml", "ties", tiny_family.base, models)
+    write_plan(build_plan(load_recipe(r), PlanOptions(threads=1, quiet=True)), tmp_path / "t.plan")
+    code, _, err = run_cli(capsys, "eval", tmp_path / "t.plan", "--data", f"math={tiny_family.data['math']}",
+                           "--model", f"math={tiny_family.finetunes['code']}",
+                           "--samples", "2", "--seq-len", "16", "--threads", "1")
+    assert_one_line_error(code, err, "math")
+    assert "score" not in err  # refused before any model was scored

@@ -36,6 +36,7 @@ class Target:
     kind: str  # base | fine-tune | merge
     path: Path  # model directory, or the plan file
     plan: Any = None  # Plan for a plan target
+    fingerprint: dict | None = None  # a baseline a plan names: what the plan recorded of it
 
 
 @dataclass
@@ -69,6 +70,7 @@ def resolve_targets(
 
     merges: list[Target] = []
     known: dict[str, tuple[str, Path]] = {}  # id -> (role, path)
+    recorded: dict[str, dict] = {}  # id -> fingerprint, for baselines a plan names
 
     def add(mid: str, role: str, path: Path) -> None:
         have = known.get(mid)
@@ -90,6 +92,7 @@ def resolve_targets(
             merges.append(Target(p.stem, MERGE, p, plan))
             for mid, path in model_paths(plan, plan_remap(plan, remap), str(p)).items():
                 add(mid, plan.model(mid).role, Path(path))
+                recorded.setdefault(mid, plan.model(mid).fingerprint)
         else:
             raise MergeplanError(f"{p} not found; give a model directory or a plan file")
     for mid, path in remap.items():
@@ -99,7 +102,7 @@ def resolve_targets(
     for t in merges:
         if names.count(t.name) > 1 or t.name in known:
             t.name = str(t.path)  # two inputs with one name: tell them apart by path
-    rows = [Target(m, BASE if role == BASE else FINETUNE, p) for m, (role, p) in known.items()]
+    rows = [Target(m, BASE if role == BASE else FINETUNE, p, fingerprint=recorded.get(m)) for m, (role, p) in known.items()]
     rows.sort(key=lambda t: t.kind != BASE)
     base_dir = next((t.path for t in rows if t.kind == BASE), None)
     if base_dir is None:
@@ -154,9 +157,21 @@ def _resolved(source: str, root: Path) -> Path | None:
         return None
 
 
-def load_model_dir(path: Path, device: torch.device) -> torch.nn.Module:
-    """A model directory's weights (safetensors only, as apply reads) in float32, eval mode."""
+def load_model_dir(path: Path, device: torch.device, fingerprint: dict | None = None) -> torch.nn.Module:
+    """A model directory's weights (safetensors only, as apply reads) in float32, eval mode.
+    With `fingerprint` (a baseline a plan names: the path came from a received plan), the
+    directory is first opened as apply opens inputs (files confined to it) and its shard
+    names, sizes, headers and tensor table must be the ones the plan recorded."""
     from transformers import AutoModelForCausalLM
+
+    if fingerprint is not None:
+        from mergeplan.io.modeldir import ModelDir
+
+        md = ModelDir.open(path, name=path.name)
+        try:
+            md.check_fingerprint(fingerprint)
+        finally:
+            md.close()
 
     _quiet_transformers()
     try:
@@ -225,19 +240,25 @@ def evaluate(
     with torch_threads(threads):
         with CalibProgress(quiet, console=console, prefix="eval") as progress:
             total = sum(-(-len(es.samples) // batch_size) for es in tasks.values())  # batches per model
-            for t in [*rows, *merges]:
+            # Merges first: merging a plan reads every input and checks each tensor's digest
+            # against the plan, so the baselines a plan names are scored only once their
+            # bytes are known to be the plan's (their header-level check cannot tell two
+            # fine-tunes of one architecture apart). Reported in the usual order below.
+            for t in [*merges, *rows]:
                 t0 = time.perf_counter()
                 if t.plan is not None:
                     with progress.task(f"{t.name} · merge in memory", len(t.plan.tensors)) as adv:
                         model = merged_model(t.plan, threads=threads, device=dev, remap=plan_remap(t.plan, remap),
                                              plan_path=str(t.path), progress=lambda *_: adv())
                 else:
-                    model = load_model_dir(t.path, dev)
+                    model = load_model_dir(t.path, dev, t.fingerprint)
                 with progress.task(f"{t.name} · score {len(tasks)} task(s)", total) as adv:
                     scores = score_model(model, tasks, dev, batch_size, advance=lambda _t: adv())
                 del model
                 gc.collect()
                 results.append(ModelResult(t, scores, round(time.perf_counter() - t0, 3)))
+    order = {id(t): i for i, t in enumerate([*rows, *merges])}
+    results.sort(key=lambda r: order[id(r.target)])
     report = EvalReport(tasks, experts, results, {
         "samples": samples, "seq_len": seq_len, "skip": skip, "batch_size": batch_size, "device": str(dev),
         "threads": threads, "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95},
