@@ -31,11 +31,6 @@ class Quantity:
     field: str | None  # the PlanEditor field this quantity edits, None when read-only
 
 
-# The planner's record of a value the grid computes live from the plan: the AIM guide's
-# mean factor per tensor is the "mean AIM factor" view, which also follows omega edits.
-_SHOWN_LIVE = frozenset({"aim.mean_factor"})
-
-
 class GridModel:
     """Layout of a plan as a (row x component) grid, and per-cell values for each quantity.
 
@@ -93,7 +88,7 @@ class GridModel:
         model_set = set(self.models)
         for t in self.plan.tensors:
             for k, v in t.stats.items():
-                if k in kinds or (k in _SHOWN_LIVE and t.relax):
+                if k in kinds or (k in view.DERIVED_STATS and t.relax):
                     continue
                 if isinstance(v, dict) and v and set(v) <= model_set and all(_is_number(x) for x in v.values()):
                     kinds[k] = True
@@ -179,8 +174,7 @@ class GridModel:
         """The cell's statistic is known only at apply (an edit changed the mask it measured)."""
         if not q.key.startswith("stat:"):
             return False
-        name = q.key[5:] + (f".{model}" if q.per_model and model else "")
-        return name in view.stale_stats(self.plan.tensor(tensor))
+        return view.is_stale(self.plan.tensor(tensor), q.key[5:], model if q.per_model else None)
 
     def columns(self, q: Quantity, models: list[str] | None = None) -> list[tuple[str, str | None]]:
         """(component, model) per column; model is None for per-tensor quantities."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .edit import RECOMPUTED_MASK_KEYS
 from .model import Contribution, Plan, TensorPlan
 
 
@@ -31,8 +32,8 @@ class DiffRow:
         return getattr(self, side)
 
 
-# Mask keys apply recomputes when an edit cleared them (edit.py: the digest pinned the old density).
-_RECOMPUTED = frozenset({"mask.digest", "mask.cutoff"})
+# The diff rows of those keys; None on a side that still has a mask reads "at apply".
+_RECOMPUTED = frozenset(f"mask.{k}" for k in RECOMPUTED_MASK_KEYS)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -24,6 +24,9 @@ from .codec import write_plan
 from .model import OP_MERGE, Plan, TensorPlan
 from .names import parse_name
 
+# Mask keys that pin a recipe mask to the weights the planner saw; an edit that changes
+# the mask clears them and apply recomputes the mask from its recipe (diff shows "at apply").
+RECOMPUTED_MASK_KEYS = ("digest", "cutoff")
 MODEL_FIELDS = ("weight", "density")
 TENSOR_FIELDS = ("lambda", "omega")
 FIELDS = MODEL_FIELDS + TENSOR_FIELDS
@@ -118,7 +121,7 @@ def _refresh_digests(t: TensorPlan, loaded: TensorPlan) -> None:
             for j in deps
         )
         # The recorded top-k cutoff pins the mask exactly as the digest does.
-        for key in ("digest", "cutoff"):
+        for key in RECOMPUTED_MASK_KEYS:
             if same and key in orig.mask:
                 c.mask[key] = orig.mask[key]
             elif key == "digest":

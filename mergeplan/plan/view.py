@@ -233,6 +233,17 @@ def tensor_stats(t: TensorPlan) -> dict[str, Any]:
     return out
 
 
+# Statistics a guide records that the screens compute live from the plan instead (the
+# "mean AIM factor" view follows omega edits; the record is the planner's, frozen).
+DERIVED_STATS = frozenset({"aim.mean_factor"})
+
+
+def is_stale(t: TensorPlan, stat: str, model: str | None = None) -> bool:
+    """Whether the recorded statistic `stat` (of `model`, for per-model ones) is known only
+    at apply: an edit changed the mask it measured."""
+    return (f"{stat}.{model}" if model else stat) in stale_stats(t)
+
+
 def stale_stats(t: TensorPlan) -> list[str]:
     """Names of the recorded statistics an edit made stale ("kept.<model>", "overlap")."""
     out = [f"kept.{c.model}" for c in t.contributions
