@@ -34,7 +34,7 @@ from .outdir import OutputSlot, check_target, file_mode
 from .schedule import MemoryScheduler
 from .plan.codec import plan_digest
 from .plan.model import Plan
-from .plan.view import model_search_dirs
+from .plan.model import model_search_dirs
 from .provenance import model_card, provenance, provenance_json
 from .validate import aux_records, check_against_inputs, check_plan
 

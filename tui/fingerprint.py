@@ -11,7 +11,7 @@ from typing import Callable
 
 from mergeplan.errors import InputMismatchError, MergeplanError
 from mergeplan.plan.model import ModelRef, Plan
-from mergeplan.plan.view import model_search_dirs
+from mergeplan.plan.model import model_search_dirs
 
 FOUND, CHANGED, MISSING, UNKNOWN = "found", "changed", "missing", "not checked"
 

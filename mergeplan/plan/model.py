@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -194,3 +195,12 @@ class Plan:
 def float32_array(values: Any) -> np.ndarray:
     """Numeric vectors in a plan are float32 arrays (stored as typed binary, not lists)."""
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+
+
+# -- where the inputs are ----------------------------------------------------------------------
+def model_search_dirs(plan: Plan, plan_path: str | None) -> list[Path]:
+    """Directories a relative model path is tried against, in apply's order: the recipe's
+    directory at plan time, the plan file's directory, the current directory."""
+    bases = [Path(d) for d in (plan.recipe.get("dir"), Path(plan_path).parent if plan_path else None) if d]
+    bases.append(Path.cwd())
+    return bases

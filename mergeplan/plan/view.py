@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -272,15 +271,6 @@ def hand_set(plan: Plan) -> dict[EditKey, float]:
                     and isinstance(new, (int, float)) and not isinstance(new, bool)):
                 out[(tensor, model, field)] = float(new)
     return out
-
-
-# -- where the inputs are ----------------------------------------------------------------------
-def model_search_dirs(plan: Plan, plan_path: str | None) -> list[Path]:
-    """Directories a relative model path is tried against, in apply's order: the recipe's
-    directory at plan time, the plan file's directory, the current directory."""
-    bases = [Path(d) for d in (plan.recipe.get("dir"), Path(plan_path).parent if plan_path else None) if d]
-    bases.append(Path.cwd())
-    return bases
 
 
 def _is_number(v: Any) -> bool:
