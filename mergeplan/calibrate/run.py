@@ -179,7 +179,6 @@ class _Passes:
             sites: dict[str, Site] = {}
             if r.lewis:
                 self.lin = linear_sites(model, st.stored)
-                st.lin = list(self.lin)
                 st.lin_tensors = {n: s.tensor for n, s in self.lin.items()}
                 sites.update(self.lin)
             if r.base_abs:

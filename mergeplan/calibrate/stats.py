@@ -39,12 +39,11 @@ class CalibStats:
     dataset_keys: dict[str, str] = field(default_factory=dict)  # source -> its short label
     stored: set[str] = field(default_factory=set)  # tensor names stored in the base's files
     # structure of the base model
-    lin: list[str] = field(default_factory=list)  # LEWIS's decoder linear modules, in model order
     aim_sites: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # module -> (tensor, axis, length)
     aim_site_notes: list[str] = field(default_factory=list)
     tensor_groups: dict[str, str] = field(default_factory=dict)  # stored tensor -> Sens layer group
     param_groups: dict[str, str] = field(default_factory=dict)  # loaded parameter -> Sens layer group
-    lin_tensors: dict[str, str] = field(default_factory=dict)  # LEWIS module -> its stored weight
+    lin_tensors: dict[str, str] = field(default_factory=dict)  # LEWIS module -> stored weight, in model order
     expert_tensors: dict[str, str] = field(default_factory=dict)  # MoE expert site -> stored weight
     vocab_size: int | None = None  # the base's; logits are compared on it (fine-tunes may add tokens)
     tie_notes: list[str] = field(default_factory=list)

@@ -76,7 +76,7 @@ def decide(stats: CalibStats, options: GuideOptions, base_id: str, ids: Sequence
         lw = o.lewis
         variant = lw.wanda_sparsity if lw.wanda_prune else None
         ft_kind = ("wanda", variant) if lw.wanda_prune else (("sens", o.sens.per_sample) if o.sens else "act")
-        mods = list(stats.lin)
+        mods = list(stats.lin_tensors)  # LEWIS's linear modules, in model order
         score_base, score_ft = {}, {}
         for mid in ids:
             src = sources.per_model[mid]
